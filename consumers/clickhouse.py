@@ -1,0 +1,347 @@
+"""Every topic lands in ClickHouse: tables, the sink, and the HTTP bridge for chDB.
+
+The sink consumes all catalogue topics, turns events into columns, inserts one
+columnar batch per table, and commits Kafka offsets only after ClickHouse
+acknowledged the insert (at-least-once). Each insert carries a deterministic
+``insert_deduplication_token`` built from the topic-partition-offset ranges it
+holds, and tables keep a ``non_replicated_deduplication_window``, so re-reading
+the same range after a crash inserts nothing twice.
+
+chDB lets one process open a data directory; the sink is that process, and it
+answers ClickHouse's HTTP interface on loopback (:class:`HttpBridge`) so that
+``labloop sql``, clickhouse-connect and other clients can query while it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from consumers.errors import SinkError
+from consumers.kafka import make_consumer
+from schemas import TOPICS, Codec, DecodeError
+from schemas.types import Record
+
+__all__ = ["ClickHouseSink", "HttpBridge", "TABLES", "connect", "create_tables"]
+
+log = logging.getLogger("labloop.sink")
+_QUAL = {"EQ": "=", "LT": "<", "GT": ">"}
+_PROVENANCE = [("_topic", "LowCardinality(String)"), ("_partition", "UInt16"), ("_offset", "UInt64")]
+
+
+@dataclass(frozen=True)
+class Table:
+    """A ClickHouse table: columns ``(name, type)``, sort key, and how a record becomes rows."""
+
+    name: str
+    columns: list[tuple[str, str]]
+    order_by: str
+    rows: Callable[[Record], Iterator[Record]]
+
+
+def _same(r: Record) -> Iterator[Record]:
+    yield r
+
+
+def _reading(r: Record) -> Iterator[Record]:
+    yield {**r, "qualifier": _QUAL[r["qualifier"]], "plate_id": None, "well": None}
+
+
+def _plate(p: Record) -> Iterator[Record]:
+    for w in p["wells"]:
+        yield {"reading_id": w["reading_id"], "campaign_id": p["campaign_id"], "compound_id": w["compound_id"],
+               "assay_id": p["assay_id"], "value": w["value"], "unit": p["unit"], "qualifier": _QUAL[w["qualifier"]],
+               "request_id": w["request_id"], "instrument_id": p["instrument_id"], "plate_id": p["plate_id"],
+               "well": w["well"], "event_time": p["event_time"], "ingest_time": p["ingest_time"]}
+
+
+def _prediction(p: Record) -> Iterator[Record]:
+    for it in p["items"]:
+        yield {"campaign_id": p["campaign_id"], "model_version": p["model_version"], "assay_id": p["assay_id"],
+               "compound_id": it["compound_id"], "mean": it["mean"], "std": it["std"], "event_time": p["event_time"]}
+
+
+TS = "DateTime64(3, 'UTC')"
+S, LS = "String", "LowCardinality(String)"
+TABLES: dict[str, Table] = {t.name: t for t in (
+    Table("campaigns", [("campaign_id", S), ("objective_assay_id", LS), ("direction", LS), ("unit", LS),
+                        ("batch_size", "Int32"), ("init_size", "Int32"), ("budget", "Int32"), ("min_pool_size", "Int64"),
+                        ("policy", LS), ("learner", LS), ("schedule", LS), ("request_ttl_s", "Float64"),
+                        ("seed", "Int64"), ("event_time", TS)], "(campaign_id, event_time)", _same),
+    Table("compounds", [("campaign_id", S), ("compound_id", S), ("smiles", S), ("source", LS), ("event_time", TS),
+                        ("ingest_time", TS)], "(campaign_id, compound_id)", _same),
+    Table("readings", [("reading_id", S), ("campaign_id", S), ("compound_id", S), ("assay_id", LS),
+                       ("value", "Float64"), ("unit", LS), ("qualifier", LS), ("request_id", "Nullable(String)"),
+                       ("instrument_id", LS), ("plate_id", "Nullable(String)"), ("well", "Nullable(String)"),
+                       ("event_time", TS), ("ingest_time", TS)], "(campaign_id, assay_id, compound_id, event_time)", _reading),
+    Table("predictions", [("campaign_id", S), ("model_version", "Int64"), ("assay_id", LS), ("compound_id", S),
+                          ("mean", "Float64"), ("std", "Float64"), ("event_time", TS)],
+          "(campaign_id, model_version, compound_id)", _prediction),
+    Table("requests", [("request_id", S), ("campaign_id", S), ("compound_id", S), ("smiles", S), ("assay_id", LS),
+                       ("priority", "Int32"), ("sequence", "Int64"), ("batch", "Int32"), ("policy", LS),
+                       ("acquisition_score", "Nullable(Float64)"), ("predicted_mean", "Nullable(Float64)"),
+                       ("predicted_std", "Nullable(Float64)"), ("model_version", "Int64"), ("event_time", TS),
+                       ("expires_at", TS)], "(campaign_id, sequence)", _same),
+    Table("request_status", [("request_id", S), ("campaign_id", S), ("compound_id", S), ("status", LS),
+                             ("robot_id", LS), ("reason", "Nullable(String)"), ("event_time", TS)],
+          "(campaign_id, request_id, event_time)", _same),
+    Table("model_updates", [("campaign_id", S), ("model_version", "Int64"), ("learner", LS), ("device", LS),
+                            ("n_train", "Int64"), ("n_new", "Int64"), ("n_measured", "Int64"), ("n_failed", "Int64"),
+                            ("n_pending", "Int64"), ("n_requested", "Int64"), ("pool_size", "Int64"),
+                            ("best_value", "Nullable(Float64)"), ("train_s", "Float64"), ("done", "Bool"),
+                            ("event_time", TS)], "(campaign_id, model_version, event_time)", _same),
+    Table("dead_letters", [("source_topic", LS), ("source_partition", "Int32"), ("source_offset", "Int64"),
+                           ("source_key", "Nullable(String)"), ("stage", LS), ("service", LS), ("error_class", LS),
+                           ("error_message", S), ("raw", S), ("event_time", TS)],
+          "(source_topic, source_partition, source_offset)", _same),
+)}
+_TABLE_OF_TOPIC = {t.name: TABLES[t.table] for t in TOPICS.values()}
+# Topics whose events become rows differently from their table's default (plates -> one row per well).
+_ROWS_OF_TOPIC: dict[str, Callable[[Record], Iterator[Record]]] = {TOPICS["plates"].name: _plate}
+
+
+def connect(dsn: str, database: str | None = None) -> Client:
+    """A clickhouse-connect client for ``chdb:///path`` (in-process) or ``http(s)://...``."""
+    try:
+        client = clickhouse_connect.get_client(dsn=dsn)
+    except Exception as exc:  # clickhouse-connect raises several unrelated types on connect
+        raise SinkError(f"cannot connect to ClickHouse at {dsn}: {exc}") from exc
+    if database:
+        client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+        client.database = database
+    return client
+
+
+def create_tables(client: Client, dedup_window: int = 10_000) -> None:
+    """Create every table that is missing (idempotent)."""
+    for t in TABLES.values():
+        cols = ", ".join(f"`{n}` {typ}" for n, typ in [*t.columns, *_PROVENANCE])
+        client.command(f"CREATE TABLE IF NOT EXISTS {t.name} ({cols}) ENGINE = MergeTree ORDER BY {t.order_by} "
+                       f"SETTINGS non_replicated_deduplication_window = {dedup_window}")
+
+
+class _Batch:
+    """Columns accumulated for one table, plus the offset ranges they came from."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self.names = [n for n, _ in table.columns] + [n for n, _ in _PROVENANCE]
+        self.columns: list[list[Any]] = [[] for _ in self.names]
+        self.ranges: dict[tuple[str, int], list[int]] = {}
+
+    def add(self, record: Record, topic: str, partition: int, offset: int) -> int:
+        n = 0
+        for row in _ROWS_OF_TOPIC.get(topic, self.table.rows)(record):
+            for col, name in zip(self.columns, self.names[:-3], strict=False):
+                col.append(row.get(name))
+            self.columns[-3].append(topic)
+            self.columns[-2].append(partition)
+            self.columns[-1].append(offset)
+            n += 1
+        r = self.ranges.setdefault((topic, partition), [offset, offset])
+        r[0], r[1] = min(r[0], offset), max(r[1], offset)
+        return n
+
+    @property
+    def size(self) -> int:
+        return len(self.columns[-1])
+
+    def token(self) -> str:
+        return self.table.name + "|" + ";".join(f"{t}:{p}:{a}-{b}" for (t, p), (a, b) in sorted(self.ranges.items()))
+
+
+def _fix(name: str, typ: str, values: list[Any]) -> list[Any]:
+    if typ.startswith("DateTime64"):
+        from datetime import UTC, datetime
+
+        return [datetime.fromtimestamp(v / 1000, UTC) for v in values]
+    if name in ("raw", "source_key"):
+        return [v.decode("latin-1") if isinstance(v, bytes) else v for v in values]
+    return values
+
+
+class ClickHouseSink:
+    """Kafka -> ClickHouse, one table per topic.
+
+    Args:
+        client: clickhouse-connect client (chDB or server), database selected.
+        kafka_config: confluent-kafka settings (bootstrap, security).
+        codec: decoder for every topic.
+        group_id: consumer group (offsets committed after inserts).
+        batch_rows, flush_s: flush when a table holds this many rows or this long passed.
+    """
+
+    def __init__(self, client: Client, kafka_config: dict[str, str], codec: Codec, group_id: str = "labloop-sink",
+                 batch_rows: int = 50_000, flush_s: float = 0.5, session_timeout_s: float = 6.0) -> None:
+        self.client = client
+        self.codec = codec
+        self.lock = threading.Lock()  # chDB is shared with the HTTP bridge threads
+        self.consumer = make_consumer(kafka_config, group_id, session_timeout_s)
+        self.batch_rows, self.flush_s = batch_rows, flush_s
+        self.rows_inserted: dict[str, int] = defaultdict(int)
+        self.skipped = 0
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, idle_exit_s: float | None = None) -> None:
+        """Consume until :meth:`stop` (or ``idle_exit_s`` without messages)."""
+        self.consumer.subscribe([t.name for t in TOPICS.values()])
+        batches: dict[str, _Batch] = {}
+        offsets: dict[tuple[str, int], int] = {}
+        last_flush = last_msg = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                msgs = self.consumer.consume(10_000, 0.2)
+                for m in msgs:
+                    if m.error():
+                        log.warning("consumer error: %s", m.error())
+                        continue
+                    last_msg = time.monotonic()
+                    topic, part, off = m.topic(), m.partition(), m.offset()
+                    offsets[(topic, part)] = off + 1
+                    table = _TABLE_OF_TOPIC.get(topic)
+                    if table is None:
+                        continue
+                    try:
+                        rec = self.codec.decode(m.value() or b"").record
+                    except DecodeError as exc:
+                        # The worker dead-letters its inputs; the sink only records that it skipped.
+                        self.skipped += 1
+                        log.warning("skipped %s[%d]@%d: %s", topic, part, off, exc)
+                        continue
+                    batches.setdefault(table.name, _Batch(table)).add(rec, topic, part, off)
+                now = time.monotonic()
+                full = any(b.size >= self.batch_rows for b in batches.values())
+                if offsets and (full or now - last_flush >= self.flush_s):
+                    self._flush(batches, offsets)
+                    batches, offsets, last_flush = {}, {}, now
+                if idle_exit_s is not None and now - last_msg > idle_exit_s:
+                    break
+            if offsets:
+                self._flush(batches, offsets)
+        finally:
+            self.consumer.close()
+
+    def _flush(self, batches: dict[str, _Batch], offsets: dict[tuple[str, int], int]) -> None:
+        from confluent_kafka import TopicPartition
+
+        for b in batches.values():
+            if not b.size:
+                continue
+            types = dict([*b.table.columns, *_PROVENANCE])
+            data = [_fix(n, types[n], c) for n, c in zip(b.names, b.columns, strict=True)]
+            try:
+                with self.lock:
+                    self.client.insert(b.table.name, data, column_names=b.names, column_oriented=True,
+                                       settings={"insert_deduplication_token": b.token()})
+            except ClickHouseError as exc:
+                raise SinkError(f"insert into {b.table.name} failed: {exc}") from exc
+            self.rows_inserted[b.table.name] += b.size
+        self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
+
+
+_FORMAT_RE = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
+_SKIP_PARAMS = {"query", "database", "default_format", "query_id", "session_id", "session_timeout", "user",
+                "password", "compress", "decompress", "enable_http_compression", "wait_end_of_query", "send_progress_in_http_headers",
+                "http_headers_progress_interval_ms", "session_check", "client_protocol_version", "output_format_arrow_string_as_string"}
+
+
+class HttpBridge:
+    """Answer ClickHouse's HTTP interface from the chDB engine this process owns.
+
+    Queries only (``SELECT``, ``SHOW``, ``DESCRIBE``, DDL, ``INSERT ... SELECT``);
+    an insert with a data body is refused with HTTP 501. Listens on 127.0.0.1 only.
+    """
+
+    def __init__(self, client: Client, lock: threading.Lock, port: int, database: str) -> None:
+        self.client, self.lock, self.port, self.database = client, lock, port, database
+        bridge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("http: " + fmt, *args)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                self._handle(b"")
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                self._handle(self.rfile.read(length) if length else b"")
+
+            def _handle(self, body: bytes) -> None:
+                url = urlparse(self.path)
+                params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+                if url.path in ("/ping", "/"):
+                    if "query" not in params and not body:
+                        return self._send(200, b"Ok.\n", "text/plain")
+                sql = params.get("query", "")
+                if body:
+                    if sql and sql.lstrip().upper().startswith("INSERT"):
+                        return self._send(501, b"Code: 48. labloop's chDB bridge does not accept INSERT data bodies\n",
+                                          "text/plain")
+                    sql = (sql + " " + body.decode()).strip() if sql else body.decode()
+                status, out, fmt = bridge.execute(sql, params)
+                self._send(status, out, "text/plain; charset=UTF-8" if status != 200 else "application/octet-stream",
+                           fmt)
+
+            def _send(self, status: int, out: bytes, ctype: str, fmt: str | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(out)))
+                self.send_header("X-ClickHouse-Server-Display-Name", "labloop-chdb")
+                self.send_header("X-ClickHouse-Timezone", "UTC")
+                self.send_header("X-ClickHouse-Summary", '{"read_rows":"0","written_rows":"0"}')
+                if fmt:
+                    self.send_header("X-ClickHouse-Format", fmt)
+                if status != 200:
+                    self.send_header("X-ClickHouse-Exception-Code", "1")
+                self.end_headers()
+                self.wfile.write(out)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="labloop-http-bridge", daemon=True)
+
+    def execute(self, sql: str, params: dict[str, str]) -> tuple[int, bytes, str | None]:
+        sql = sql.strip().rstrip(";")
+        m = _FORMAT_RE.search(sql)
+        fmt = m.group(1) if m else params.get("default_format", "TabSeparated")
+        if m:
+            sql = sql[: m.start()].rstrip()
+        settings = {k: v for k, v in params.items() if k not in _SKIP_PARAMS}
+        db = params.get("database") or self.database
+        try:
+            with self.lock:
+                prev = self.client.database
+                self.client.database = db
+                try:
+                    out = self.client.raw_query(sql, fmt=fmt, settings=settings or None)
+                finally:
+                    self.client.database = prev
+        except Exception as exc:  # any engine error goes back to the HTTP client, as ClickHouse does
+            return 500, f"Code: 1. {exc}\n".encode(), None
+        return 200, out, fmt
+
+    def start(self) -> HttpBridge:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

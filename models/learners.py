@@ -1,0 +1,306 @@
+"""Online learners with uncertainty: one contract, ``update`` + ``predict``.
+
+Every learner treats the objective as *higher is better*; the campaign layer
+negates a minimized objective before it gets here.
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.errors import NotFitted, UnknownName
+
+__all__ = ["DeepEnsemble", "OnlineLearner", "TanimotoGP", "default_device", "make_learner", "LEARNERS"]
+
+
+def default_device() -> str:
+    """``"cuda"`` when a CUDA device is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class OnlineLearner(abc.ABC):
+    """A regressor that learns from batches as they arrive.
+
+    ``X`` is always an ``n x d`` float32 feature matrix, ``y`` a length-``n``
+    float vector (higher is better); inputs are never mutated.
+    """
+
+    name: str = "learner"
+
+    @abc.abstractmethod
+    def update(self, X: np.ndarray, y: np.ndarray) -> None:
+        """Learn from ``n`` new observations (``n >= 0``)."""
+
+    @abc.abstractmethod
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predict ``m`` rows.
+
+        Returns:
+            ``(mean, std)``, two length-``m`` float64 arrays, ``std >= 0``.
+
+        Raises:
+            NotFitted: the learner has seen no data.
+        """
+
+    @property
+    @abc.abstractmethod
+    def n_seen(self) -> int:
+        """How many observations the learner has learned from."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild the learner (tensors on CPU)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        return buf.getvalue()
+
+    def from_bytes(self, data: bytes) -> None:
+        self.load_state_dict(torch.load(io.BytesIO(data), weights_only=False))
+
+
+def _tanimoto(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+    """Continuous Tanimoto similarity ``<a,b> / (|a|^2 + |b|^2 - <a,b>)``: ``n x m`` in [0, 1]."""
+    dot = a @ b.T
+    denom = a_sq[:, None] + b_sq[None, :] - dot
+    return torch.where(denom > 0, dot / denom.clamp_min(1e-12), torch.ones_like(dot))
+
+
+class TanimotoGP(OnlineLearner):
+    """Exact Gaussian process with a Tanimoto kernel on (count) fingerprints.
+
+    ``update`` appends the new observations and refits the two hyper-parameters
+    (signal variance and noise) by maximum marginal likelihood over a grid of
+    noise ratios, using one eigendecomposition of the Tanimoto Gram matrix. Cost:
+    ``O(n^3)`` per update, ``O(n m d)`` per prediction of ``m`` rows. Beyond
+    ``max_train`` observations it keeps the best half and the most recent half,
+    so memory stays bounded on long campaigns.
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"``; ``None`` picks CUDA when present.
+        max_train: cap on the stored training set.
+    """
+
+    name = "gp"
+    _RATIOS = np.logspace(-3, 0.5, 24)
+
+    def __init__(self, device: str | None = None, max_train: int = 6000) -> None:
+        self.device = torch.device(device or default_device())
+        self.max_train = max_train
+        self._X = np.zeros((0, 0), dtype=np.float32)
+        self._y = np.zeros(0, dtype=np.float64)
+        self._fit: dict[str, Any] | None = None
+
+    @property
+    def n_seen(self) -> int:
+        return int(self._y.shape[0])
+
+    def update(self, X: np.ndarray, y: np.ndarray) -> None:
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y, dtype=np.float64).reshape(-1)
+        if X.shape[0] != y.shape[0]:
+            raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
+        if X.shape[0] == 0:
+            return
+        if not np.all(np.isfinite(y)):
+            raise ValueError("y contains NaN or infinite values")
+        self._X = X.copy() if self._X.size == 0 else np.concatenate([self._X, X])
+        self._y = np.concatenate([self._y, y])
+        if self._y.shape[0] > self.max_train:
+            half = self.max_train // 2
+            recent = np.arange(self._y.shape[0] - half, self._y.shape[0])
+            rest = np.arange(self._y.shape[0] - half)
+            best = rest[np.argsort(-self._y[rest], kind="stable")[: self.max_train - half]]
+            keep = np.sort(np.concatenate([best, recent]))
+            self._X, self._y = self._X[keep], self._y[keep]
+        self._refit()
+
+    def _refit(self) -> None:
+        dev = self.device
+        Xt = torch.from_numpy(self._X).to(dev, torch.float64)
+        sq = (Xt * Xt).sum(1)
+        K = _tanimoto(Xt, Xt, sq, sq)
+        lam, Q = torch.linalg.eigh(K)
+        lam = lam.clamp_min(0.0)
+        mu = float(self._y.mean())
+        sd = float(self._y.std()) or 1.0
+        yt = torch.from_numpy((self._y - mu) / sd).to(dev, torch.float64)
+        z = Q.T @ yt
+        n = yt.shape[0]
+        best: tuple[float, float, float] | None = None
+        for r in self._RATIOS:
+            denom = lam + float(r)
+            s2 = float((z * z / denom).sum()) / n
+            nll = 0.5 * n * math.log(max(s2, 1e-12)) + 0.5 * float(torch.log(denom).sum())
+            if best is None or nll < best[0]:
+                best = (nll, float(r), s2)
+        assert best is not None
+        _, ratio, s2 = best
+        inv_diag = 1.0 / (lam + ratio)
+        alpha = Q @ (inv_diag * z)
+        # (K + rI)^-1 = Q diag(1/(lam+r)) Q^T; keep the factor W = Q diag(1/sqrt(lam+r)).
+        W = Q * torch.sqrt(inv_diag)[None, :]
+        self._fit = {"Xt": Xt, "sq": sq, "alpha": alpha, "W": W, "s2": s2, "ratio": ratio, "mu": mu, "sd": sd}
+
+    def predict(self, X: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        if self._fit is None:
+            raise NotFitted("TanimotoGP.predict called before any update")
+        f = self._fit
+        means, stds = [], []
+        for start in range(0, X.shape[0], chunk):
+            Xs = torch.from_numpy(np.asarray(X[start : start + chunk], dtype=np.float32)).to(self.device, torch.float64)
+            Ks = _tanimoto(Xs, f["Xt"], (Xs * Xs).sum(1), f["sq"])
+            m = Ks @ f["alpha"]
+            v = 1.0 - ((Ks @ f["W"]) ** 2).sum(1)
+            means.append((m * f["sd"] + f["mu"]).cpu().numpy())
+            stds.append((torch.sqrt(v.clamp_min(0.0) * f["s2"]) * f["sd"]).cpu().numpy())
+        if not means:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate(means), np.concatenate(stds)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "X": self._X, "y": self._y, "max_train": self.max_train}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.max_train = int(state["max_train"])
+        self._X = np.asarray(state["X"], dtype=np.float32)
+        self._y = np.asarray(state["y"], dtype=np.float64)
+        self._fit = None
+        if self._y.shape[0]:
+            self._refit()
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(d, hidden), torch.nn.ReLU(),
+            torch.nn.Linear(hidden, hidden // 2), torch.nn.ReLU(),
+            torch.nn.Linear(hidden // 2, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+class DeepEnsemble(OnlineLearner):
+    """``n_members`` MLPs on ``log1p`` fingerprints, fine-tuned on every update.
+
+    Each update warm-starts every member and trains ``epochs`` passes over all
+    data seen so far (small in a lab campaign); the spread of member predictions
+    is the uncertainty. Members differ by initialisation and minibatch order.
+    """
+
+    name = "ensemble"
+
+    def __init__(self, device: str | None = None, n_members: int = 5, hidden: int = 256,
+                 epochs: int = 40, lr: float = 1e-3, seed: int = 0) -> None:
+        self.device = torch.device(device or default_device())
+        self.n_members, self.hidden, self.epochs, self.lr, self.seed = n_members, hidden, epochs, lr, seed
+        self._X = np.zeros((0, 0), dtype=np.float32)
+        self._y = np.zeros(0, dtype=np.float64)
+        self._members: list[_MLP] = []
+        self._norm = (0.0, 1.0)
+
+    @property
+    def n_seen(self) -> int:
+        return int(self._y.shape[0])
+
+    def _build(self, d: int) -> None:
+        gen = torch.Generator().manual_seed(self.seed)
+        self._members = []
+        for _ in range(self.n_members):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            self._members.append(_MLP(d, self.hidden).to(self.device))
+
+    def update(self, X: np.ndarray, y: np.ndarray) -> None:
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y, dtype=np.float64).reshape(-1)
+        if X.shape[0] != y.shape[0]:
+            raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
+        if X.shape[0] == 0:
+            return
+        if not np.all(np.isfinite(y)):
+            raise ValueError("y contains NaN or infinite values")
+        self._X = X.copy() if self._X.size == 0 else np.concatenate([self._X, X])
+        self._y = np.concatenate([self._y, y])
+        if not self._members:
+            self._build(X.shape[1])
+        self._train()
+
+    def _train(self) -> None:
+        mu, sd = float(self._y.mean()), float(self._y.std()) or 1.0
+        self._norm = (mu, sd)
+        Xt = torch.log1p(torch.from_numpy(self._X)).to(self.device)
+        yt = torch.from_numpy((self._y - mu) / sd).to(self.device, torch.float32)
+        n = Xt.shape[0]
+        bs = min(64, n)
+        gen = torch.Generator().manual_seed(self.seed + n)
+        for member in self._members:
+            opt = torch.optim.Adam(member.parameters(), lr=self.lr, weight_decay=1e-5)
+            member.train()
+            for _ in range(self.epochs):
+                perm = torch.randperm(n, generator=gen).to(self.device)
+                for s in range(0, n, bs):
+                    idx = perm[s : s + bs]
+                    opt.zero_grad()
+                    loss = torch.nn.functional.mse_loss(member(Xt[idx]), yt[idx])
+                    loss.backward()
+                    opt.step()
+
+    @torch.no_grad()
+    def predict(self, X: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+        if not self._members:
+            raise NotFitted("DeepEnsemble.predict called before any update")
+        mu, sd = self._norm
+        outs = []
+        for start in range(0, X.shape[0], chunk):
+            Xs = torch.log1p(torch.from_numpy(np.asarray(X[start : start + chunk], dtype=np.float32))).to(self.device)
+            outs.append(torch.stack([m.eval()(Xs) for m in self._members]).double().cpu().numpy())
+        if not outs:
+            return np.zeros(0), np.zeros(0)
+        P = np.concatenate(outs, axis=1) * sd + mu
+        return P.mean(0), P.std(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "X": self._X, "y": self._y, "norm": self._norm,
+            "config": dict(n_members=self.n_members, hidden=self.hidden, epochs=self.epochs, lr=self.lr, seed=self.seed),
+            "members": [{k: v.cpu() for k, v in m.state_dict().items()} for m in self._members],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state["config"].items():
+            setattr(self, k, v)
+        self._X = np.asarray(state["X"], dtype=np.float32)
+        self._y = np.asarray(state["y"], dtype=np.float64)
+        self._norm = tuple(state["norm"])  # type: ignore[assignment]
+        self._members = []
+        if state["members"]:
+            self._build(self._X.shape[1])
+            for m, sd in zip(self._members, state["members"], strict=True):
+                m.load_state_dict(sd)
+
+
+LEARNERS: dict[str, Callable[..., OnlineLearner]] = {"gp": TanimotoGP, "ensemble": DeepEnsemble}
+
+
+def make_learner(name: str, device: str | None = None, **kwargs: Any) -> OnlineLearner:
+    """Build a registered learner by name (``"gp"`` or ``"ensemble"``)."""
+    try:
+        factory = LEARNERS[name]
+    except KeyError:
+        raise UnknownName("learner", name, list(LEARNERS)) from None
+    return factory(device=device, **kwargs)

@@ -1,0 +1,146 @@
+"""Campaign state as pure compute: the pool, what is measured, pending or failed,
+the learner and the policy. The Faust agents and ``labloop bench al`` both drive
+this class, so the stream and the benchmark run the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.acquisition import Policy, RandomPolicy, make_policy
+from models.learners import OnlineLearner, make_learner
+
+__all__ = ["AVAILABLE", "FAILED", "MEASURED", "PENDING", "Proposal", "PoolState", "round_targets"]
+
+AVAILABLE, PENDING, MEASURED, FAILED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A batch chosen by :meth:`PoolState.propose`.
+
+    Attributes:
+        index: ``k`` pool positions, best first.
+        mean, std: the model's prediction for them, in the objective's units
+            (NaN before the model has seen data).
+        score: the policy's acquisition value (NaN for the random start).
+        model_version: number of model updates behind the prediction.
+    """
+
+    index: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    score: np.ndarray
+    model_version: int
+
+
+def round_targets(pool_size: int, init_frac: float, batch_frac: float, rounds: int) -> list[int]:
+    """Cumulative acquisition targets of MolPAL's round protocol.
+
+    >>> round_targets(10560, 0.01, 0.01, 5)
+    [105, 211, 316, 422, 528, 633]
+    """
+    out = []
+    for r in range(rounds + 1):
+        frac = init_frac + r * batch_frac
+        out.append(int(np.floor(frac * pool_size + 1e-9)))
+    return out
+
+
+class PoolState:
+    """One campaign's candidate pool and model.
+
+    Args:
+        X: ``n x d`` float32 features of the pool (rows may be appended later).
+        maximize: direction of the objective.
+        learner, policy: names from :mod:`models.learners` / :mod:`models.acquisition`.
+        seed: seeds the random start and the policy.
+        device: torch device for the learner (None = CUDA when present).
+    """
+
+    def __init__(self, X: np.ndarray, maximize: bool, learner: str = "gp", policy: str = "greedy",
+                 seed: int = 0, device: str | None = None) -> None:
+        self.X = np.asarray(X, dtype=np.float32)
+        self.status = np.zeros(self.X.shape[0], dtype=np.int8)
+        self.values = np.full(self.X.shape[0], np.nan)
+        self.sign = 1.0 if maximize else -1.0
+        self.learner: OnlineLearner = make_learner(learner, device=device)
+        self.policy: Policy = make_policy(policy, seed=seed)
+        self._random = RandomPolicy(seed=seed)
+        self._new: list[int] = []
+        self.model_version = 0
+        self._pred: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.X.shape[0])
+
+    def add(self, X: np.ndarray) -> np.ndarray:
+        """Append candidates; returns their pool positions."""
+        X = np.asarray(X, dtype=np.float32)
+        start = self.size
+        self.X = X.copy() if start == 0 else np.concatenate([self.X, X])
+        self.status = np.concatenate([self.status, np.zeros(X.shape[0], dtype=np.int8)])
+        self.values = np.concatenate([self.values, np.full(X.shape[0], np.nan)])
+        self._pred = None
+        return np.arange(start, self.size)
+
+    def count(self, status: int) -> int:
+        return int((self.status == status).sum())
+
+    def mark_pending(self, index: np.ndarray) -> None:
+        self.status[index] = PENDING
+
+    def observe(self, index: np.ndarray, values: np.ndarray) -> None:
+        """Record measured values (objective units). A measured compound stays measured."""
+        index = np.asarray(index, dtype=np.int64)
+        self.values[index] = values
+        self.status[index] = MEASURED
+        self._new.extend(index.tolist())
+
+    def fail(self, index: np.ndarray) -> None:
+        """A failed experiment: never requested again, never learned from."""
+        self.status[np.asarray(index, dtype=np.int64)] = FAILED
+
+    def release(self, index: np.ndarray) -> None:
+        """Return pending candidates to the pool (an expired request, say)."""
+        index = np.asarray(index, dtype=np.int64)
+        self.status[index[self.status[index] == PENDING]] = AVAILABLE
+
+    def retrain(self) -> bool:
+        """Feed the learner every observation it has not seen; True if it learned."""
+        if not self._new:
+            return False
+        idx = np.array(sorted(set(self._new)), dtype=np.int64)
+        self._new = []
+        self.learner.update(self.X[idx], self.sign * self.values[idx])
+        self.model_version += 1
+        self._pred = None
+        return True
+
+    def predict_pool(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, std)`` over the whole pool in objective units (cached per model version)."""
+        if self._pred is None:
+            m, s = self.learner.predict(self.X)
+            self._pred = (self.sign * m, s)
+        return self._pred
+
+    def propose(self, k: int) -> Proposal:
+        """Choose up to ``k`` available candidates and mark them pending.
+
+        Before the learner has seen data the choice is uniform at random.
+        """
+        blocked = self.status != AVAILABLE
+        n = self.size
+        if self.learner.n_seen == 0:
+            idx = self._random.select(np.zeros(n), np.zeros(n), blocked, k)
+            nan = np.full(idx.shape[0], np.nan)
+            prop = Proposal(idx, nan, nan, nan, self.model_version)
+        else:
+            mean, std = self.predict_pool()
+            idx, score = self.policy.select_scored(self.sign * mean, std, blocked, k)
+            prop = Proposal(idx, mean[idx], std[idx], self.sign * score, self.model_version)
+        self.mark_pending(prop.index)
+        return prop

@@ -1,0 +1,257 @@
+"""One campaign's live state and the events it emits, without Kafka.
+
+The Faust agents feed decoded records in and send what comes out; keeping the
+logic here makes it testable and keeps the agents thin.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from models import PoolState
+from models.loop import FAILED, MEASURED, PENDING
+from schemas import InvalidEvent
+from schemas.types import Record
+
+__all__ = ["CampaignRuntime", "Emit", "PREDICTION_CHUNK", "now_ms"]
+
+PREDICTION_CHUNK = 2000  # items per Prediction message: ~60 kB, well under broker limits
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Emit:
+    """An event to publish: topic role, record name, record (keyed by ``campaign_id``)."""
+
+    role: str
+    name: str
+    record: Record
+
+
+@dataclass
+class _Request:
+    index: int
+    sequence: int
+    expires_at: int
+    status: str = "REQUESTED"
+
+
+@dataclass
+class CampaignRuntime:
+    """Pool, model, requests and seen readings of one campaign.
+
+    Not thread-safe: the caller serializes access (one asyncio lock per campaign).
+    """
+
+    campaign_id: str
+    device: str | None = None
+    definition: Record | None = None
+    pool: PoolState | None = None
+    compound_ids: list[str] = field(default_factory=list)
+    smiles: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, _Request] = field(default_factory=dict)
+    seen_readings: set[str] = field(default_factory=set)
+    n_requested: int = 0
+    n_batches: int = 0
+    done_announced: bool = False
+    _staged: list[np.ndarray] = field(default_factory=list)
+
+    # ---- inputs -------------------------------------------------------------------------
+    def define(self, record: Record) -> None:
+        if record["direction"] not in ("MINIMIZE", "MAXIMIZE"):
+            raise InvalidEvent(f"direction {record['direction']!r}")
+        if record["batch_size"] <= 0 or record["budget"] < 0 or record["init_size"] < 0:
+            raise InvalidEvent("batch_size must be > 0, budget and init_size >= 0")
+        first = self.definition is None
+        self.definition = record
+        if first:
+            X = np.concatenate(self._staged) if self._staged else np.zeros((0, 0), dtype=np.float32)
+            self._staged = []
+            self.pool = PoolState(X, maximize=record["direction"] == "MAXIMIZE", learner=record["learner"],
+                                  policy=record["policy"], seed=int(record["seed"]), device=self.device)
+
+    def add_compounds(self, records: list[Record], X: np.ndarray) -> int:
+        """Add featurized compounds (row ``i`` of ``X`` for ``records[i]``); returns how many were new."""
+        keep = [i for i, r in enumerate(records) if r["compound_id"] not in self.index]
+        fresh: dict[str, int] = {}
+        rows = []
+        for i in keep:
+            cid = records[i]["compound_id"]
+            if cid in fresh:
+                continue
+            fresh[cid] = len(self.compound_ids)
+            self.compound_ids.append(cid)
+            self.smiles.append(records[i]["smiles"])
+            rows.append(i)
+        if not rows:
+            return 0
+        self.index.update(fresh)
+        Xn = X[rows]
+        if self.pool is not None:
+            self.pool.add(Xn)
+        else:
+            self._staged.append(Xn)
+        return len(rows)
+
+    def validate_reading(self, r: Record) -> None:
+        """Raise :class:`InvalidEvent` for a reading the campaign cannot use."""
+        if self.definition is None:
+            raise InvalidEvent(f"reading {r['reading_id']} for unknown campaign {self.campaign_id!r}")
+        if r["compound_id"] not in self.index:
+            raise InvalidEvent(f"reading {r['reading_id']}: compound {r['compound_id']!r} is not in campaign {self.campaign_id!r}")
+        if not math.isfinite(r["value"]):
+            raise InvalidEvent(f"reading {r['reading_id']}: value {r['value']} is not finite")
+        if r["assay_id"] == self.definition["objective_assay_id"] and r["unit"] != self.definition["unit"]:
+            raise InvalidEvent(f"reading {r['reading_id']}: unit {r['unit']!r}, campaign expects {self.definition['unit']!r}")
+        req = r.get("request_id")
+        if req is not None and req not in self.requests:
+            raise InvalidEvent(f"reading {r['reading_id']}: request {req!r} does not exist")
+
+    def observe(self, readings: list[Record]) -> int:
+        """Apply validated readings; duplicates (same ``reading_id``) change nothing. Returns how many were new."""
+        assert self.pool is not None and self.definition is not None
+        objective = self.definition["objective_assay_id"]
+        idx, vals = [], []
+        for r in readings:
+            if r["reading_id"] in self.seen_readings:
+                continue
+            self.seen_readings.add(r["reading_id"])
+            req = self.requests.get(r.get("request_id") or "")
+            if req is not None:
+                req.status = "COMPLETED"
+            if r["assay_id"] == objective:
+                idx.append(self.index[r["compound_id"]])
+                vals.append(r["value"])
+        if idx:
+            self.pool.observe(np.array(idx), np.array(vals, dtype=np.float64))
+        return len(idx)
+
+    def on_status(self, r: Record) -> None:
+        """Apply a robot's status report (FAILED retires the compound, EXPIRED re-queues it)."""
+        req = self.requests.get(r["request_id"])
+        if req is None:
+            raise InvalidEvent(f"status {r['status']} for unknown request {r['request_id']!r}")
+        if req.status in ("COMPLETED", "FAILED", "EXPIRED"):
+            return
+        req.status = r["status"]
+        if self.pool is None or self.pool.status[req.index] != PENDING:
+            return
+        if r["status"] == "FAILED":
+            self.pool.fail(np.array([req.index]))
+        elif r["status"] == "EXPIRED":
+            self.pool.release(np.array([req.index]))
+            self.n_requested -= 1  # an expired request gives its budget back
+
+    def expire(self, now: int) -> list[Emit]:
+        """Expire pending requests past their ``expires_at``."""
+        out = []
+        for rid, req in self.requests.items():
+            if req.status in ("REQUESTED", "ACCEPTED", "STARTED") and req.expires_at <= now:
+                rec = {"request_id": rid, "campaign_id": self.campaign_id, "compound_id": self.compound_ids[req.index],
+                       "status": "EXPIRED", "robot_id": "labloop-worker", "reason": "request_ttl_s elapsed", "event_time": now}
+                self.on_status(rec)
+                out.append(Emit("status", "RequestStatus", rec))
+        return out
+
+    # ---- decisions ----------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        return 0 if self.pool is None else self.pool.count(PENDING)
+
+    def wanted(self) -> int:
+        """How many requests to issue now (0 = wait)."""
+        d, pool = self.definition, self.pool
+        if d is None or pool is None or pool.size < d.get("min_pool_size", 0) or pool.size == 0:
+            return 0
+        left = d["budget"] - self.n_requested
+        if left <= 0:
+            return 0
+        if d["schedule"] == "ROUNDS":
+            if self.pending:
+                return 0
+            k = d["init_size"] if self.n_requested == 0 else d["batch_size"]
+        else:
+            k = (d["init_size"] if self.n_requested == 0 else d["batch_size"]) - self.pending
+        return max(0, min(k, left))
+
+    def has_new_data(self) -> bool:
+        return self.pool is not None and bool(self.pool._new)
+
+    def retrain(self) -> tuple[float, bool]:
+        """Update the model with new observations and score the pool (CPU/GPU heavy: run off the loop).
+
+        Returns ``(seconds, learned)``.
+        """
+        assert self.pool is not None
+        t0 = time.perf_counter()
+        learned = self.pool.retrain()
+        if learned:
+            self.pool.predict_pool()
+        return time.perf_counter() - t0, learned
+
+    def model_events(self, train_s: float, n_new: int, device: str) -> list[Emit]:
+        """ModelUpdate + Prediction chunks for the current model version."""
+        assert self.pool is not None and self.definition is not None
+        pool, t = self.pool, now_ms()
+        measured = pool.values[pool.status == MEASURED]
+        best = None
+        if measured.size:
+            best = float(measured.max() if self.definition["direction"] == "MAXIMIZE" else measured.min())
+        done = self.n_requested >= self.definition["budget"] and pool.count(PENDING) == 0
+        out = [Emit("model_updates", "ModelUpdate", {
+            "campaign_id": self.campaign_id, "model_version": pool.model_version, "learner": self.definition["learner"],
+            "device": device, "n_train": pool.learner.n_seen, "n_new": n_new, "n_measured": int(measured.size),
+            "n_failed": pool.count(FAILED), "n_pending": pool.count(PENDING), "n_requested": self.n_requested,
+            "pool_size": pool.size, "best_value": best, "train_s": train_s, "done": done, "event_time": t})]
+        if pool.learner.n_seen:
+            mean, std = pool.predict_pool()
+            for s in range(0, pool.size, PREDICTION_CHUNK):
+                items = [{"compound_id": self.compound_ids[i], "mean": float(mean[i]), "std": float(std[i])}
+                         for i in range(s, min(s + PREDICTION_CHUNK, pool.size))]
+                out.append(Emit("predictions", "Prediction", {
+                    "campaign_id": self.campaign_id, "model_version": pool.model_version,
+                    "assay_id": self.definition["objective_assay_id"], "event_time": t, "items": items}))
+        if done:
+            self.done_announced = True
+        return out
+
+    def propose(self, k: int) -> list[Emit]:
+        """Choose ``k`` compounds and build their ExperimentRequests."""
+        assert self.pool is not None and self.definition is not None
+        d, t = self.definition, now_ms()
+        prop = self.pool.propose(k)
+        out = []
+        for prio, i in enumerate(prop.index.tolist()):
+            seq = self.n_requested
+            rid = f"{self.campaign_id}-r{seq:07d}"
+            expires = t + int(d["request_ttl_s"] * 1000)
+            self.requests[rid] = _Request(i, seq, expires)
+            self.n_requested += 1
+
+            def opt(a: np.ndarray) -> float | None:
+                v = float(a[prio])
+                return None if math.isnan(v) else v
+
+            out.append(Emit("requests", "ExperimentRequest", {
+                "request_id": rid, "campaign_id": self.campaign_id, "compound_id": self.compound_ids[i],
+                "smiles": self.smiles[i], "assay_id": d["objective_assay_id"], "priority": prio, "sequence": seq,
+                "batch": self.n_batches, "policy": d["policy"] if prop.model_version else "random",
+                "acquisition_score": opt(prop.score), "predicted_mean": opt(prop.mean), "predicted_std": opt(prop.std),
+                "model_version": prop.model_version, "event_time": t, "expires_at": expires}))
+        if out:
+            self.n_batches += 1
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        pool = self.pool
+        return {"campaign_id": self.campaign_id, "pool": 0 if pool is None else pool.size,
+                "requested": self.n_requested, "pending": self.pending}

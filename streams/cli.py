@@ -1,0 +1,309 @@
+"""The ``labloop`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from schemas import LabloopError
+from streams.settings import Settings, load_settings
+
+app = typer.Typer(help="labloop: a lab-in-the-loop for drug discovery on Kafka, Faust and ClickHouse.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+publish_app = typer.Typer(help="Publish LIMS and instrument data from CSV files.", no_args_is_help=True)
+app.add_typer(publish_app, name="publish")
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    s = load_settings()
+    logging.basicConfig(level={"warn": "WARNING"}.get(s.log_level, s.log_level.upper()),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return s
+
+
+def _kafka(s: Settings) -> dict[str, str]:
+    if s.embedded_kafka:
+        raise typer.BadParameter("no broker: set LABLOOP_KAFKA_BOOTSTRAP (shown by `labloop up`)")
+    return s.kafka_config()
+
+
+def _codec(s: Settings):  # type: ignore[no-untyped-def]
+    from schemas import Codec
+
+    return Codec(registry_url=s.schema_registry_url, registry_config=s.registry_config())
+
+
+@app.command()
+def up(workers: Annotated[int, typer.Option(help="Faust worker processes")] = 1) -> None:
+    """Start the embedded stack (broker, topics, worker, ClickHouse sink) until Ctrl-C."""
+    from streams.runtime import Stack
+
+    s = _settings()
+    with Stack(s, workers=workers) as stack:
+        t = Table(title="labloop is up", show_header=False)
+        t.add_row("Kafka bootstrap", stack.bootstrap + (" (embedded Tansu, in memory)" if stack.broker else ""))
+        t.add_row("ClickHouse", f"{s.clickhouse_target}")
+        t.add_row("ClickHouse HTTP", stack.clickhouse_url)
+        t.add_row("worker(s)", str(workers))
+        t.add_row("logs", str(s.data_dir / "logs"))
+        t.add_row("clients", f"export LABLOOP_KAFKA_BOOTSTRAP={stack.bootstrap}")
+        console.print(t)
+        stop = False
+
+        def _stop(*_: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        try:
+            while not stop:
+                stack.check()
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        console.print("stopping...")
+
+
+@app.command(hidden=True)
+def worker() -> None:
+    """Run one Faust worker (started by `labloop up`)."""
+    from faust.worker import Worker
+
+    from streams.worker import create_app
+
+    s = _settings()
+    faust_app, _ = create_app(s, _kafka(s)["bootstrap.servers"])
+    Worker(faust_app, loglevel=s.log_level, quiet=True).execute_from_commandline()
+
+
+@app.command(hidden=True)
+def sink() -> None:
+    """Run the ClickHouse sink (started by `labloop up`); serves HTTP when ClickHouse is embedded."""
+    from consumers import ClickHouseSink, HttpBridge, connect, create_tables
+
+    s = _settings()
+    client = connect(s.clickhouse_target, s.clickhouse_database)
+    create_tables(client)
+    snk = ClickHouseSink(client, _kafka(s), _codec(s), batch_rows=s.sink_batch_rows, flush_s=s.sink_flush_s,
+                         session_timeout_s=s.kafka_session_timeout_s)
+    bridge = HttpBridge(client, snk.lock, s.clickhouse_http_port, s.clickhouse_database).start() \
+        if s.embedded_clickhouse else None
+    signal.signal(signal.SIGTERM, lambda *_: snk.stop())
+    try:
+        snk.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if bridge:
+            bridge.stop()
+        client.close()
+
+
+@app.command()
+def topics() -> None:
+    """Create the catalogue's topics on the configured broker and list them."""
+    from schemas import TOPICS
+    from streams.runtime import ensure_topics
+
+    s = _settings()
+    created = ensure_topics(_kafka(s))
+    t = Table("topic", "carries", "key", "partitions", "retention", "table", "created now")
+    for spec in TOPICS.values():
+        t.add_row(spec.name, ", ".join(spec.schemas), spec.key, str(spec.partitions),
+                  "forever" if spec.retention_ms < 0 else f"{spec.retention_ms // 86_400_000} d", spec.table,
+                  "yes" if spec.name in created else "")
+    console.print(t)
+
+
+class Direction(str, Enum):
+    minimize = "minimize"
+    maximize = "maximize"
+
+
+@app.command()
+def campaign(
+    campaign_id: Annotated[str, typer.Argument(help="campaign id")],
+    assay: Annotated[str, typer.Option(help="objective assay id")],
+    unit: Annotated[str, typer.Option(help="unit of the objective's readings")],
+    direction: Annotated[Direction, typer.Option()] = Direction.maximize,
+    batch_size: Annotated[int, typer.Option(min=1)] = 96,
+    init_size: Annotated[int, typer.Option(min=0)] = 96,
+    budget: Annotated[int, typer.Option(min=0)] = 960,
+    min_pool_size: Annotated[int, typer.Option(min=0, help="wait for this many compounds")] = 0,
+    policy: Annotated[str, typer.Option()] = "ucb",
+    learner: Annotated[str, typer.Option()] = "gp",
+    continuous: Annotated[bool, typer.Option(help="refill as results arrive instead of in rounds")] = False,
+    ttl_s: Annotated[float, typer.Option(help="request expiry, seconds")] = 86_400.0,
+    seed: int = 0,
+) -> None:
+    """Define (or redefine) a campaign."""
+    from consumers.kafka import make_producer
+    from consumers.publisher import publish_records
+    from models.acquisition import POLICIES
+    from models.learners import LEARNERS
+    from streams.campaign import now_ms
+
+    if policy not in POLICIES or learner not in LEARNERS:
+        raise typer.BadParameter(f"policy must be one of {sorted(POLICIES)}, learner one of {sorted(LEARNERS)}")
+    s = _settings()
+    rec = {"campaign_id": campaign_id, "objective_assay_id": assay, "direction": direction.value.upper(), "unit": unit,
+           "batch_size": batch_size, "init_size": init_size, "budget": budget, "min_pool_size": min_pool_size,
+           "policy": policy, "learner": learner, "schedule": "CONTINUOUS" if continuous else "ROUNDS",
+           "request_ttl_s": ttl_s, "seed": seed, "event_time": now_ms()}
+    publish_records(make_producer(_kafka(s)), _codec(s), "campaigns", "Campaign", iter([rec]))
+    console.print(f"campaign {campaign_id} published")
+
+
+def _report_publish(res, what: str) -> None:  # type: ignore[no-untyped-def]
+    for e in res.errors[:50]:
+        err.print(f"[yellow]skipped[/] {e}")
+    if len(res.errors) > 50:
+        err.print(f"... and {len(res.errors) - 50} more malformed rows")
+    console.print(f"published {res.published} {what}; {len(res.errors)} malformed row(s) skipped")
+    if res.errors:
+        raise typer.Exit(1 if not res.published else 0)
+
+
+@publish_app.command("compounds")
+def publish_compounds(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="CSV (optionally .gz)")],
+    campaign_id: Annotated[str, typer.Option("--campaign", help="campaign to register into")],
+    smiles_col: Annotated[str, typer.Option(help="column holding SMILES")] = "smiles",
+    id_col: Annotated[str | None, typer.Option(help="column holding compound ids (default: hash of SMILES)")] = None,
+    source: Annotated[str, typer.Option(help="recorded as the registering system")] = "lims",
+) -> None:
+    """Register compounds from a CSV into a campaign's pool."""
+    from consumers.kafka import make_producer
+    from consumers.publisher import compound_rows, publish_records
+
+    s = _settings()
+    res = publish_records(make_producer(_kafka(s)), _codec(s), "compounds", "CompoundRegistered",
+                          compound_rows(file, campaign_id, smiles_col, id_col, source))
+    _report_publish(res, "compounds")
+
+
+@publish_app.command("readings")
+def publish_readings(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="CSV (optionally .gz)")],
+    campaign_id: Annotated[str, typer.Option("--campaign")],
+    assay: Annotated[str, typer.Option(help="assay id of every reading")],
+    unit: Annotated[str, typer.Option(help="unit of every reading")],
+    compound_col: Annotated[str, typer.Option(help="column with compound ids")] = "compound_id",
+    smiles_col: Annotated[str | None, typer.Option(help="use SMILES (hashed like `publish compounds`) instead")] = None,
+    value_col: Annotated[str, typer.Option(help="column with values; '<5' style qualifiers allowed")] = "value",
+    qualifier_col: Annotated[str | None, typer.Option(help="column with = < >")] = None,
+    id_col: Annotated[str | None, typer.Option(help="column with reading ids (default: derived, idempotent)")] = None,
+    instrument: Annotated[str, typer.Option(help="instrument id")] = "lims-import",
+) -> None:
+    """Publish assay readings from a CSV."""
+    from consumers.kafka import make_producer
+    from consumers.publisher import publish_records, reading_rows
+
+    s = _settings()
+    rows = reading_rows(file, campaign_id, assay, unit, compound_col, value_col, qualifier_col, id_col, instrument,
+                        smiles_col)
+    res = publish_records(make_producer(_kafka(s)), _codec(s), "readings", "AssayReading", rows)
+    _report_publish(res, "readings")
+
+
+@app.command()
+def robot(
+    oracle: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="CSV of SMILES -> value (virtual lab)")],
+    smiles_col: str = "smiles",
+    value_col: str = "value",
+    unit: str = "",
+    robot_id: str = "robot-1",
+    latency_s: Annotated[float, typer.Option(help="seconds per batch")] = 0.0,
+    noise_sd: float = 0.0,
+    failure_rate: float = 0.0,
+    plate_size: Annotated[int, typer.Option(help="wells per plate; 0 = single readings")] = 384,
+) -> None:
+    """Run a robot with a virtual instrument answering requests from an oracle CSV, until Ctrl-C."""
+    from consumers import LabConfig, Oracle, RobotClient, VirtualLab
+
+    s = _settings()
+    lab = VirtualLab(RobotClient(_kafka(s), _codec(s), robot_id=robot_id), Oracle.from_csv(oracle, smiles_col, value_col),
+                     LabConfig(latency_s=latency_s, noise_sd=noise_sd, failure_rate=failure_rate, plate_size=plate_size,
+                               unit=unit))
+    console.print(f"{robot_id} waiting for requests (Ctrl-C stops)")
+    try:
+        lab.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        lab.stop()
+    console.print(f"{lab.robot.executions} requests executed, {lab.readings_published} readings, {lab.failed} failed")
+
+
+class OutFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+def sql(query: Annotated[str, typer.Argument(help="SQL for ClickHouse")],
+        format: Annotated[OutFormat, typer.Option("--format", "-f")] = OutFormat.table) -> None:
+    """Run SQL against the configured ClickHouse (embedded or server) and print the result."""
+    from streams.sql import analyst_client
+
+    s = _settings()
+    client = analyst_client(s)
+    try:
+        res = client.query(query)
+    except Exception as exc:  # the driver's errors carry ClickHouse's message
+        err.print(f"[red]query failed:[/] {exc}")
+        raise typer.Exit(2) from None
+    names, rows = list(res.column_names), res.result_rows
+    if format is OutFormat.csv:
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(names)
+        w.writerows(rows)
+    elif format is OutFormat.json:
+        print(json.dumps([dict(zip(names, r, strict=True)) for r in rows], default=str, indent=1))
+    else:
+        t = Table(*names)
+        for r in rows:
+            t.add_row(*("NULL" if v is None else str(v) for v in r))
+        console.print(t)
+
+
+@app.command()
+def demo(
+    report: Annotated[Path | None, typer.Option(help="write a JSON report here")] = None,
+    plot: Annotated[Path, typer.Option(help="PNG of the trajectory")] = Path("demo_trajectory.png"),
+    seed: int = 0,
+    timeout_s: Annotated[float, typer.Option(help="give up after this long")] = 900.0,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Run one campaign on Enamine 10k through the whole embedded stack."""
+    from streams.demo import run_demo
+
+    s = _settings()
+    run_demo(s, report=report, plot=plot, seed=seed, timeout_s=timeout_s, progress=progress, console=console)
+
+
+def main() -> None:
+    try:
+        app()
+    except LabloopError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

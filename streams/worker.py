@@ -1,0 +1,240 @@
+"""The Faust application: agents that turn readings into models and requests.
+
+Topology (every input keyed and co-partitioned by ``campaign_id``)::
+
+    campaigns ─┐
+    compounds ─┤                           ┌─> predictions
+    readings  ─┼─> CampaignRuntime (per id) ┼─> requests
+    plates    ─┤   micro-batched updates    ├─> model-updates
+    status    ─┘                           └─> dead-letters (anything that fails)
+
+Agents consume in micro-batches (``take_events``), decode Avro themselves
+(values are raw bytes), and run featurization and model updates in a thread
+pool so the event loop keeps heart-beating. Delivery is at-least-once: every
+handler is idempotent (compounds by id, readings by ``reading_id``, statuses by
+request state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faust
+
+
+from models import FeatureSpec, ModelError, parse_many
+from models.chem import featurize_mols
+from schemas import TOPICS, Codec, LabloopError
+from schemas.types import Record
+from streams.campaign import CampaignRuntime, Emit, now_ms
+from streams.settings import Settings
+
+__all__ = ["LabloopWorker", "create_app"]
+
+log = logging.getLogger("labloop.worker")
+SERVICE = "labloop-worker"
+
+
+def _credentials(settings: Settings) -> Any:
+    proto = settings.kafka_security_protocol
+    ctx = None
+    if proto in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None)
+    if proto.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username or "",
+            password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else "",
+            mechanism=settings.kafka_sasl_mechanism or "PLAIN", ssl_context=ctx)
+    if ctx is not None:
+        return faust.SSLCredentials(ctx)
+    return None
+
+
+class LabloopWorker:
+    """Campaign state and handlers; :func:`create_app` wires them to Faust agents."""
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.codec = Codec(registry_url=settings.schema_registry_url, registry_config=settings.registry_config())
+        self.spec = FeatureSpec()
+        self.campaigns: dict[str, CampaignRuntime] = {}
+        self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="labloop-compute")
+        self.topics = {role: app.topic(t.name, key_type=bytes, value_type=bytes, partitions=t.partitions)
+                       for role, t in TOPICS.items()}
+
+    def campaign(self, campaign_id: str) -> CampaignRuntime:
+        if campaign_id not in self.campaigns:
+            self.campaigns[campaign_id] = CampaignRuntime(campaign_id, device=self.settings.torch_device)
+        return self.campaigns[campaign_id]
+
+    # ---- output ---------------------------------------------------------------------------
+    async def emit(self, campaign_id: str, events: Iterable[Emit]) -> None:
+        for e in events:
+            await self.topics[e.role].send(key=campaign_id.encode(), value=self.codec.encode(e.name, e.record))
+
+    async def dead_letter(self, event: Any, stage: str, exc: BaseException) -> None:
+        msg = event.message
+        log.warning("dead letter from %s[%s]@%s (%s): %s", msg.topic, msg.partition, msg.offset, stage, exc)
+        rec = {"source_topic": msg.topic, "source_partition": msg.partition, "source_offset": msg.offset,
+               "source_key": msg.key if isinstance(msg.key, bytes | None) else str(msg.key).encode(),
+               "stage": stage, "service": SERVICE, "error_class": type(exc).__name__,
+               "error_message": str(exc)[:2000], "raw": msg.value if isinstance(msg.value, bytes) else b"",
+               "event_time": now_ms()}
+        await self.topics["dead_letters"].send(key=msg.topic.encode(), value=self.codec.encode("DeadLetter", rec))
+
+    async def decoded(self, events: list[Any], expect: tuple[str, ...]) -> AsyncIterator[tuple[Any, Record]]:
+        for ev in events:
+            try:
+                yield ev, self.codec.decode(ev.value, expect=expect).record
+            except LabloopError as exc:
+                await self.dead_letter(ev, "decode", exc)
+
+    # ---- the decision step ----------------------------------------------------------------
+    async def tick(self, campaign_id: str) -> None:
+        """Update the model if there is new data, then request what the campaign wants."""
+        rt = self.campaign(campaign_id)
+        async with self.locks[campaign_id]:
+            if rt.pool is None or rt.definition is None:
+                return
+            k = rt.wanted()
+            out: list[Emit] = []
+            if rt.has_new_data():  # awaiting the update coalesces whatever queues meanwhile
+                n_new = len(set(rt.pool._new))
+                loop = asyncio.get_running_loop()
+                train_s, learned = await loop.run_in_executor(self.pool, rt.retrain)
+                if learned:
+                    out += rt.model_events(train_s, n_new, str(rt.pool.learner.device))  # type: ignore[attr-defined]
+                k = rt.wanted()
+            if k > 0:
+                out += rt.propose(k)
+            elif not rt.done_announced and rt.definition["budget"] <= rt.n_requested and rt.pending == 0:
+                out += rt.model_events(0.0, 0, str(rt.pool.learner.device))  # type: ignore[attr-defined]
+            await self.emit(campaign_id, out)
+
+    # ---- handlers -------------------------------------------------------------------------
+    async def on_campaigns(self, events: list[Any]) -> None:
+        touched = set()
+        async for ev, r in self.decoded(events, ("Campaign",)):
+            try:
+                async with self.locks[r["campaign_id"]]:
+                    self.campaign(r["campaign_id"]).define(r)
+                touched.add(r["campaign_id"])
+                log.info("campaign %s defined", r["campaign_id"])
+            except (LabloopError, ModelError) as exc:
+                await self.dead_letter(ev, "validate", exc)
+        for cid in touched:
+            await self.tick(cid)
+
+    async def on_compounds(self, events: list[Any]) -> None:
+        batch: dict[str, list[tuple[Any, Record]]] = defaultdict(list)
+        async for ev, r in self.decoded(events, ("CompoundRegistered",)):
+            batch[r["campaign_id"]].append((ev, r))
+        loop = asyncio.get_running_loop()
+        for cid, items in batch.items():
+            smiles = [r["smiles"] for _, r in items]
+            mols, ok, errors = await loop.run_in_executor(self.pool, parse_many, smiles)
+            bad = set(range(len(items))) - set(ok)
+            for pos, err in zip(sorted(bad), errors, strict=True):
+                await self.dead_letter(items[pos][0], "validate", err)
+            X = await loop.run_in_executor(self.pool, featurize_mols, mols, self.spec)
+            async with self.locks[cid]:
+                self.campaign(cid).add_compounds([items[i][1] for i in ok], X)
+            await self.tick(cid)
+
+    async def _apply_readings(self, cid: str, items: list[tuple[Any, Record]]) -> None:
+        rt = self.campaign(cid)
+        good = []
+        async with self.locks[cid]:
+            for ev, r in items:
+                try:
+                    rt.validate_reading(r)
+                    good.append(r)
+                except LabloopError as exc:
+                    await self.dead_letter(ev, "validate", exc)
+            if good:
+                rt.observe(good)
+        await self.tick(cid)
+
+    async def on_readings(self, events: list[Any]) -> None:
+        batch: dict[str, list[tuple[Any, Record]]] = defaultdict(list)
+        async for ev, r in self.decoded(events, ("AssayReading",)):
+            batch[r["campaign_id"]].append((ev, r))
+        for cid, items in batch.items():
+            await self._apply_readings(cid, items)
+
+    async def on_plates(self, events: list[Any]) -> None:
+        batch: dict[str, list[tuple[Any, Record]]] = defaultdict(list)
+        async for ev, plate in self.decoded(events, ("PlateReadout",)):
+            for w in plate["wells"]:
+                batch[plate["campaign_id"]].append((ev, {
+                    **w, "campaign_id": plate["campaign_id"], "assay_id": plate["assay_id"], "unit": plate["unit"],
+                    "instrument_id": plate["instrument_id"], "event_time": plate["event_time"],
+                    "ingest_time": plate["ingest_time"]}))
+        for cid, items in batch.items():
+            await self._apply_readings(cid, items)
+
+    async def on_status(self, events: list[Any]) -> None:
+        touched = set()
+        async for ev, r in self.decoded(events, ("RequestStatus",)):
+            try:
+                async with self.locks[r["campaign_id"]]:
+                    if r["campaign_id"] not in self.campaigns:
+                        raise LabloopError(f"status for unknown campaign {r['campaign_id']!r}")
+                    self.campaigns[r["campaign_id"]].on_status(r)
+                touched.add(r["campaign_id"])
+            except LabloopError as exc:
+                await self.dead_letter(ev, "validate", exc)
+        for cid in touched:
+            await self.tick(cid)
+
+    async def on_timer(self) -> None:
+        now = now_ms()
+        for cid, rt in list(self.campaigns.items()):
+            async with self.locks[cid]:
+                expired = rt.expire(now)
+            if expired:
+                await self.emit(cid, expired)
+                await self.tick(cid)
+
+
+def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker") -> tuple[faust.App, LabloopWorker]:
+    """Build the Faust app and its agents for a broker at ``bootstrap`` (``host:port[,...]``)."""
+    brokers = [f"kafka://{b.strip()}" for b in bootstrap.split(",") if b.strip()]
+    app = faust.App(
+        app_id, broker=brokers, broker_credentials=_credentials(settings),
+        value_serializer="raw", key_serializer="raw", web_enabled=False,
+        topic_allow_declare=False,  # topics are created up front from the catalogue
+        topic_disable_leader=True, broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
+        consumer_auto_offset_reset="earliest", producer_linger_ms=5, processing_guarantee="at_least_once",
+        stream_buffer_maxsize=max(4096, settings.worker_batch * 2),
+    )
+    w = LabloopWorker(app, settings)
+    n, within = settings.worker_batch, settings.worker_batch_window_s
+
+    def agent(role: str, handler: Any) -> None:
+        async def run(stream: Any) -> None:
+            async for events in stream.take_events(n, within=within):
+                t0 = time.perf_counter()
+                await handler(list(events))
+                log.debug("%s: %d events in %.3fs", role, len(events), time.perf_counter() - t0)
+
+        run.__name__ = f"on_{role}"
+        app.agent(w.topics[role], name=f"labloop.{role}")(run)
+
+    for role, handler in (("campaigns", w.on_campaigns), ("compounds", w.on_compounds), ("readings", w.on_readings),
+                          ("plates", w.on_plates), ("status", w.on_status)):
+        agent(role, handler)
+    app.timer(interval=2.0)(w.on_timer)
+    return app, w
+
+
