@@ -108,6 +108,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
           "(source_topic, source_partition, source_offset)", _same),
 )}
 _TABLE_OF_TOPIC = {t.name: TABLES[t.table] for t in TOPICS.values()}
+_SCHEMAS_OF_TOPIC = {t.name: t.schemas for t in TOPICS.values()}
 # Topics whose events become rows differently from their table's default (plates -> one row per well).
 _ROWS_OF_TOPIC: dict[str, Callable[[Record], Iterator[Record]]] = {TOPICS["plates"].name: _plate}
 
@@ -217,7 +218,7 @@ class ClickHouseSink:
                     if table is None:
                         continue
                     try:
-                        rec = self.codec.decode(m.value() or b"").record
+                        rec = self.codec.decode(m.value() or b"", expect=_SCHEMAS_OF_TOPIC[topic]).record
                     except DecodeError as exc:
                         # The worker dead-letters its inputs; the sink only records that it skipped.
                         self.skipped += 1

@@ -198,8 +198,13 @@ class CampaignRuntime:
             self.pool.predict_pool()
         return time.perf_counter() - t0, learned
 
-    def model_events(self, train_s: float, n_new: int, device: str) -> list[Emit]:
-        """ModelUpdate + Prediction chunks for the current model version."""
+    def model_events(self, train_s: float, n_new: int, device: str, predictions: bool = True) -> list[Emit]:
+        """ModelUpdate (+ Prediction chunks) for the current model version.
+
+        When the campaign finishes without new data (its last requests failed),
+        the final ModelUpdate repeats the last version with ``done`` set and no
+        predictions: the idempotency key of ModelUpdate is (campaign, version, done).
+        """
         assert self.pool is not None and self.definition is not None
         pool, t = self.pool, now_ms()
         measured = pool.values[pool.status == MEASURED]
@@ -212,7 +217,7 @@ class CampaignRuntime:
             "device": device, "n_train": pool.learner.n_seen, "n_new": n_new, "n_measured": int(measured.size),
             "n_failed": pool.count(FAILED), "n_pending": pool.count(PENDING), "n_requested": self.n_requested,
             "pool_size": pool.size, "best_value": best, "train_s": train_s, "done": done, "event_time": t})]
-        if pool.learner.n_seen:
+        if predictions and pool.learner.n_seen:
             mean, std = pool.predict_pool()
             for s in range(0, pool.size, PREDICTION_CHUNK):
                 items = [{"compound_id": self.compound_ids[i], "mean": float(mean[i]), "std": float(std[i])}

@@ -117,7 +117,7 @@ class LabloopWorker:
             if k > 0:
                 out += rt.propose(k)
             elif not rt.done_announced and rt.definition["budget"] <= rt.n_requested and rt.pending == 0:
-                out += rt.model_events(0.0, 0, str(rt.pool.learner.device))  # type: ignore[attr-defined]
+                out += rt.model_events(0.0, 0, str(rt.pool.learner.device), predictions=False)  # type: ignore[attr-defined]
             await self.emit(campaign_id, out)
 
     # ---- handlers -------------------------------------------------------------------------

@@ -1,0 +1,44 @@
+"""Session fixtures: the real embedded broker, worker and chDB sink (no mocks)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from schemas import Codec
+from streams.runtime import EmbeddedBroker, Stack, free_port
+from streams.settings import Settings
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def codec() -> Codec:
+    return Codec()
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    """A bare Tansu broker for client-level tests (no worker, no sink)."""
+    with EmbeddedBroker() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Broker + topics + Faust worker + ClickHouse sink (chDB) serving HTTP on a free port."""
+    data_dir = tmp_path_factory.mktemp("labloop")
+    settings = Settings(data_dir=data_dir, clickhouse_http_port=free_port(), log_level="info",
+                        worker_batch_window_s=0.1, sink_flush_s=0.2)
+    with Stack(settings) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def ch(stack: Stack):  # type: ignore[no-untyped-def]
+    """An analyst's clickhouse-connect client over HTTP to the sink's chDB."""
+    from consumers import connect
+
+    return connect(f"{stack.clickhouse_url}/{stack.settings.clickhouse_database}")

@@ -1,0 +1,89 @@
+"""The `labloop` CLI against the running stack: publish with bad rows, sql through the chDB bridge."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from streams.runtime import Stack
+
+
+def labloop(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LABLOOP_KAFKA_BOOTSTRAP": stack.bootstrap,
+           "LABLOOP_CLICKHOUSE_HTTP_PORT": str(stack.settings.clickhouse_http_port),
+           "LABLOOP_DATA_DIR": str(stack.settings.data_dir), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_publish_compounds_reports_malformed_rows_and_publishes_the_rest(stack: Stack, ch: Any, tmp_path: Path) -> None:
+    f = tmp_path / "lims.csv"
+    f.write_text("id,structure\nA1,CCO\nA2,\n,CCN\nA4,c1ccccc1\n")
+    out = labloop(stack, "publish", "compounds", str(f), "--campaign", "cli-c", "--smiles-col", "structure",
+                  "--id-col", "id")
+    assert out.returncode == 0, out.stderr
+    assert "row 3: empty 'structure'" in out.stderr and "row 4: empty 'id'" in out.stderr
+    assert "published 2 compounds; 2 malformed row(s) skipped" in out.stdout
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = ch.query("SELECT compound_id FROM compounds WHERE campaign_id='cli-c' ORDER BY compound_id").result_rows
+        if len(rows) >= 2:
+            break
+        time.sleep(0.3)
+    assert rows == [("A1",), ("A4",)]
+
+
+def test_publish_readings_with_qualifiers_and_missing_column(stack: Stack, ch: Any, tmp_path: Path) -> None:
+    f = tmp_path / "plate.csv"
+    f.write_text("compound_id,ic50\nA1,<0.5\nA4,12.5\nA5,n/a\n")
+    out = labloop(stack, "publish", "readings", str(f), "--campaign", "cli-c", "--assay", "ic50", "--unit", "uM",
+                  "--value-col", "ic50")
+    assert out.returncode == 0, out.stderr
+    assert "row 4: value 'n/a' is not a number" in out.stderr
+    again = labloop(stack, "publish", "readings", str(f), "--campaign", "cli-c", "--assay", "ic50", "--unit", "uM",
+                    "--value-col", "ic50")
+    assert again.returncode == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = ch.query("SELECT compound_id, qualifier, value FROM readings WHERE campaign_id='cli-c' "
+                        "ORDER BY compound_id, event_time").result_rows
+        if len(rows) >= 4:
+            break
+        time.sleep(0.3)
+    assert rows[::2] == [("A1", "<", 0.5), ("A4", "=", 12.5)]
+    # re-publishing the same file reuses the reading ids, so the model would not count them twice
+    ids = ch.query("SELECT uniqExact(reading_id), count() FROM readings WHERE campaign_id='cli-c'").result_rows[0]
+    assert ids == (2, 4)
+
+    bad = labloop(stack, "publish", "readings", str(f), "--campaign", "cli-c", "--assay", "a", "--unit", "u")
+    assert bad.returncode != 0
+    assert "missing column(s) ['value']" in bad.stderr
+
+
+def test_sql_formats_through_the_http_bridge(stack: Stack, ch: Any) -> None:
+    out = labloop(stack, "sql", "SELECT number AS n, toString(number * 2) AS s FROM system.numbers LIMIT 3",
+                  "--format", "json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [{"n": 0, "s": "0"}, {"n": 1, "s": "2"}, {"n": 2, "s": "4"}]
+    csv_out = labloop(stack, "sql", "SELECT 1 AS a, 'x' AS b", "--format", "csv")
+    assert csv_out.stdout.splitlines() == ["a,b", "1,x"]
+    table = labloop(stack, "sql", "SHOW TABLES")
+    for name in ("readings", "requests", "predictions", "dead_letters"):
+        assert name in table.stdout
+    err = labloop(stack, "sql", "SELECT no_such_column FROM readings")
+    assert err.returncode == 2 and "UNKNOWN_IDENTIFIER" in err.stderr
+
+
+def test_commands_without_a_broker_say_so(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABLOOP_")}
+    f = tmp_path / "x.csv"
+    f.write_text("smiles\nC\n")
+    out = subprocess.run([sys.executable, "-m", "streams.cli", "publish", "compounds", str(f), "--campaign", "c"],
+                         env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode != 0
+    assert "LABLOOP_KAFKA_BOOTSTRAP" in out.stderr

@@ -1,0 +1,159 @@
+"""The contract every learner and every policy must pass (generated per implementation)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from models import OnlineLearner, make_learner, make_policy
+from models.acquisition import POLICIES
+from models.errors import NotFitted, UnknownName
+from models.learners import LEARNERS
+
+# Small but real settings so the suite stays fast on 2 CPU cores.
+FAST: dict[str, dict[str, int]] = {"gp": {}, "ensemble": {"n_members": 2, "hidden": 32, "epochs": 15}}
+assert set(FAST) == set(LEARNERS), "every registered learner needs a contract entry"
+
+
+def _data(n: int = 60, d: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.poisson(0.3, size=(n, d)).astype(np.float32)
+    y = X[:, :8].sum(1) - 0.5 * X[:, 8:16].sum(1) + rng.normal(0, 0.1, n)
+    return X, y
+
+
+def learner(name: str) -> OnlineLearner:
+    return make_learner(name, device="cpu", **FAST[name])
+
+
+@pytest.fixture(params=sorted(LEARNERS))
+def make(request: pytest.FixtureRequest) -> Callable[[], OnlineLearner]:
+    return lambda: learner(request.param)
+
+
+def test_predict_before_update_is_named(make: Callable[[], OnlineLearner]) -> None:
+    with pytest.raises(NotFitted):
+        make().predict(np.zeros((2, 64), np.float32))
+
+
+def test_shapes_and_finite_std(make: Callable[[], OnlineLearner]) -> None:
+    X, y = _data()
+    m = make()
+    m.update(X[:40], y[:40])
+    mean, std = m.predict(X[40:])
+    assert mean.shape == std.shape == (20,)
+    assert np.isfinite(mean).all() and (std >= 0).all() and np.isfinite(std).all()
+    assert m.n_seen == 40
+
+
+def test_learns_signal(make: Callable[[], OnlineLearner]) -> None:
+    X, y = _data(200)
+    m = make()
+    m.update(X[:150], y[:150])
+    mean, _ = m.predict(X[150:])
+    assert np.corrcoef(mean, y[150:])[0, 1] > 0.5
+
+
+def test_incremental_updates_accumulate(make: Callable[[], OnlineLearner]) -> None:
+    X, y = _data()
+    m = make()
+    m.update(X[:20], y[:20])
+    m.update(X[20:40], y[20:40])
+    m.update(X[:0], y[:0])  # an empty batch is a no-op
+    assert m.n_seen == 40
+
+
+def test_inputs_not_mutated(make: Callable[[], OnlineLearner]) -> None:
+    X, y = _data()
+    X0, y0 = X.copy(), y.copy()
+    m = make()
+    m.update(X, y)
+    m.predict(X)
+    np.testing.assert_array_equal(X, X0)
+    np.testing.assert_array_equal(y, y0)
+
+
+def test_seeded_determinism(make: Callable[[], OnlineLearner]) -> None:
+    X, y = _data()
+    a, b = make(), make()
+    a.update(X[:40], y[:40])
+    b.update(X[:40], y[:40])
+    for u, v in zip(a.predict(X[40:]), b.predict(X[40:]), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_state_round_trip(make: Callable[[], OnlineLearner]) -> None:
+    X, y = _data()
+    a = make()
+    a.update(X[:40], y[:40])
+    b = make()
+    b.from_bytes(a.to_bytes())
+    assert b.n_seen == a.n_seen
+    for u, v in zip(a.predict(X[40:]), b.predict(X[40:]), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_no_nan_on_degenerate_input(make: Callable[[], OnlineLearner]) -> None:
+    X = np.zeros((10, 64), np.float32)  # all-zero fingerprints, constant target
+    X[5:, 0] = 1.0  # and exact duplicates
+    m = make()
+    m.update(X, np.full(10, 3.0))
+    mean, std = m.predict(np.vstack([X, np.ones((2, 64), np.float32)]))
+    assert np.isfinite(mean).all() and np.isfinite(std).all()
+
+
+def test_rejects_non_finite_targets(make: Callable[[], OnlineLearner]) -> None:
+    X, y = _data(10)
+    y[3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        make().update(X, y)
+
+
+def test_unknown_names_are_named_errors() -> None:
+    with pytest.raises(UnknownName, match="known: ensemble, gp"):
+        make_learner("svm")
+    with pytest.raises(UnknownName, match="policy"):
+        make_policy("ei")
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+class TestPolicyContract:
+    def test_never_picks_pending_and_returns_distinct(self, name: str) -> None:
+        rng = np.random.default_rng(1)
+        mean, std = rng.normal(size=50), rng.random(50)
+        pending = np.zeros(50, bool)
+        pending[::3] = True
+        idx = make_policy(name, seed=0).select(mean, std, pending, 10)
+        assert len(idx) == 10 == len(set(idx.tolist()))
+        assert not pending[idx].any()
+
+    def test_fewer_available_than_k(self, name: str) -> None:
+        pending = np.ones(8, bool)
+        pending[[2, 5]] = False
+        idx = make_policy(name).select(np.zeros(8), np.ones(8), pending, 5)
+        assert sorted(idx.tolist()) == [2, 5]
+        assert make_policy(name).select(np.zeros(3), np.ones(3), np.ones(3, bool), 2).size == 0
+
+    def test_seeded_determinism_and_inputs_untouched(self, name: str) -> None:
+        rng = np.random.default_rng(2)
+        mean, std, pending = rng.normal(size=30), rng.random(30), np.zeros(30, bool)
+        copies = (mean.copy(), std.copy(), pending.copy())
+        a = make_policy(name, seed=7).select(mean, std, pending, 5)
+        b = make_policy(name, seed=7).select(mean, std, pending, 5)
+        np.testing.assert_array_equal(a, b)
+        for u, v in zip((mean, std, pending), copies, strict=True):
+            np.testing.assert_array_equal(u, v)
+
+    def test_nan_predictions_do_not_crash(self, name: str) -> None:
+        mean = np.array([np.nan, 1.0, 2.0, np.nan])
+        std = np.array([np.nan, 0.1, np.inf, 0.0])
+        idx = make_policy(name).select(mean, std, np.zeros(4, bool), 4)
+        assert sorted(idx.tolist()) == [0, 1, 2, 3]
+
+
+def test_greedy_and_ucb_rank_as_defined() -> None:
+    mean, std, none = np.array([1.0, 2.0, 0.0]), np.array([0.0, 0.0, 2.0]), np.zeros(3, bool)
+    assert make_policy("greedy").select(mean, std, none, 3).tolist() == [1, 0, 2]
+    assert make_policy("ucb").select(mean, std, none, 1).tolist() == [2]  # 0 + 2*2 > 2
