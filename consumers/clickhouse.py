@@ -212,7 +212,7 @@ class ClickHouseSink:
                         log.warning("consumer error: %s", m.error())
                         continue
                     last_msg = time.monotonic()
-                    topic, part, off = m.topic(), m.partition(), m.offset()
+                    topic, part, off = str(m.topic()), int(m.partition() or 0), int(m.offset() or 0)
                     offsets[(topic, part)] = off + 1
                     table = _TABLE_OF_TOPIC.get(topic)
                     if table is None:

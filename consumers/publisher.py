@@ -23,7 +23,7 @@ from consumers.virtual_lab import _open_text
 from schemas import TOPICS, Codec
 from schemas.types import Record
 
-__all__ = ["PublishResult", "compound_rows", "publish_records", "reading_rows"]
+__all__ = ["PublishResult", "compound_id_of", "compound_rows", "publish_records", "reading_rows"]
 
 _QUALIFIERS = {"=": "EQ", "": "EQ", "<": "LT", ">": "GT", "EQ": "EQ", "LT": "LT", "GT": "GT"}
 
@@ -50,6 +50,19 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _digest(text: str, n: int) -> str:
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:n]
+
+
+def compound_id_of(smiles: str) -> str:
+    """The compound id given to a SMILES registered without one: ``C`` + 16 hex digits of its SHA-1.
+
+    >>> compound_id_of("CCO")
+    'C89b394fd02e5e5e6'
+    """
+    return "C" + _digest(smiles, 16)
+
+
 def compound_rows(path: Path, campaign_id: str, smiles_col: str = "smiles", id_col: str | None = None,
                   source: str = "lims") -> Iterator[Record | BadRow]:
     """``CompoundRegistered`` records from a CSV; without ``id_col`` the id is a hash of the SMILES."""
@@ -60,7 +73,7 @@ def compound_rows(path: Path, campaign_id: str, smiles_col: str = "smiles", id_c
         if not smiles:
             yield BadRow(line, f"empty {smiles_col!r}")
             continue
-        cid = row[id_col] if id_col else "C" + hashlib.sha1(smiles.encode()).hexdigest()[:16]
+        cid = row[id_col] if id_col else compound_id_of(smiles)
         if not cid:
             yield BadRow(line, f"empty {id_col!r}")
             continue
@@ -86,7 +99,7 @@ def reading_rows(path: Path, campaign_id: str, assay_id: str, unit: str, compoun
         if not key:
             yield BadRow(line, f"empty {key_col!r}")
             continue
-        cid = "C" + hashlib.sha1(key.encode()).hexdigest()[:16] if smiles_col else key
+        cid = compound_id_of(key) if smiles_col else key
         raw = row[value_col]
         qual = row[qualifier_col] if qualifier_col else ""
         if raw[:1] in "<>=" and raw:
@@ -102,7 +115,7 @@ def reading_rows(path: Path, campaign_id: str, assay_id: str, unit: str, compoun
         if not math.isfinite(value):
             yield BadRow(line, f"value {row[value_col]!r} is not finite")
             continue
-        rid = row[id_col] if id_col else hashlib.sha1(f"{campaign_id}|{cid}|{assay_id}|{raw}|{line}".encode()).hexdigest()[:20]
+        rid = row[id_col] if id_col else _digest(f"{campaign_id}|{cid}|{assay_id}|{raw}|{line}", 20)
         yield {"reading_id": rid, "campaign_id": campaign_id, "compound_id": cid, "assay_id": assay_id, "value": value,
                "unit": unit, "qualifier": _QUALIFIERS[qual], "request_id": None, "instrument_id": instrument_id,
                "event_time": t, "ingest_time": t}

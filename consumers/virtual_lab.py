@@ -20,7 +20,6 @@ import numpy as np
 
 from consumers.errors import BadRow
 from consumers.robot import Measurement, RobotClient
-from schemas import Codec
 from schemas.types import Record
 
 __all__ = ["LabConfig", "Oracle", "VirtualLab"]

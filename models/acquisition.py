@@ -90,7 +90,7 @@ class RandomPolicy(Policy):
     name = "random"
 
     def score(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-        return self.rng.random(mean.shape[0])
+        return np.asarray(self.rng.random(mean.shape[0]))
 
 
 POLICIES: dict[str, Callable[..., Policy]] = {p.name: p for p in (Greedy, UCB, Thompson, RandomPolicy)}

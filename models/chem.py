@@ -23,11 +23,11 @@ __all__ = ["FeatureSpec", "featurize", "featurize_mols", "parse_many", "parse_sm
 @contextlib.contextmanager
 def quiet_rdkit() -> Iterator[None]:
     """Silence RDKit's C++ logging for the duration of the block."""
-    RDLogger.DisableLog("rdApp.*")
+    RDLogger.DisableLog("rdApp.*")  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        RDLogger.EnableLog("rdApp.*")
+        RDLogger.EnableLog("rdApp.*")  # type: ignore[attr-defined]
 
 
 def parse_smiles(smiles: str) -> Chem.Mol:

@@ -27,6 +27,11 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _opt(v: float) -> float | None:
+    """NaN (no model yet) travels as Avro null."""
+    return None if math.isnan(v) else float(v)
+
+
 @dataclass(frozen=True)
 class Emit:
     """An event to publish: topic role, record name, record (keyed by ``campaign_id``)."""
@@ -242,15 +247,12 @@ class CampaignRuntime:
             self.requests[rid] = _Request(i, seq, expires)
             self.n_requested += 1
 
-            def opt(a: np.ndarray) -> float | None:
-                v = float(a[prio])
-                return None if math.isnan(v) else v
-
             out.append(Emit("requests", "ExperimentRequest", {
                 "request_id": rid, "campaign_id": self.campaign_id, "compound_id": self.compound_ids[i],
                 "smiles": self.smiles[i], "assay_id": d["objective_assay_id"], "priority": prio, "sequence": seq,
                 "batch": self.n_batches, "policy": d["policy"] if prop.model_version else "random",
-                "acquisition_score": opt(prop.score), "predicted_mean": opt(prop.mean), "predicted_std": opt(prop.std),
+                "acquisition_score": _opt(prop.score[prio]), "predicted_mean": _opt(prop.mean[prio]),
+                "predicted_std": _opt(prop.std[prio]),
                 "model_version": prop.model_version, "event_time": t, "expires_at": expires}))
         if out:
             self.n_batches += 1

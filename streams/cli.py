@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 import time
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -127,7 +127,7 @@ def topics() -> None:
     console.print(t)
 
 
-class Direction(str, Enum):
+class Direction(StrEnum):
     minimize = "minimize"
     maximize = "maximize"
 
@@ -247,7 +247,7 @@ def robot(
     console.print(f"{lab.robot.executions} requests executed, {lab.readings_published} readings, {lab.failed} failed")
 
 
-class OutFormat(str, Enum):
+class OutFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"

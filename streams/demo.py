@@ -87,9 +87,10 @@ def _wait_done(stack: Stack, codec: Codec, cid: str, budget: int, lab: VirtualLa
                 if lab.errors:
                     raise DemoFailed(f"virtual lab failed: {lab.errors[0]!r}")
                 for m in mon.consume(100, 0.5):
-                    if m.error() or not m.value():
+                    value = m.value()
+                    if m.error() or not value:
                         continue
-                    r = codec.decode(m.value()).record
+                    r = codec.decode(value).record
                     if r["campaign_id"] != cid:
                         continue
                     last = r

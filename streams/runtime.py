@@ -60,7 +60,7 @@ def ensure_topics(kafka_config: dict[str, str], topics: list[TopicSpec] | None =
     Tansu does not auto-create topics, and neither should production: this is
     the one place topics come from.
     """
-    admin = AdminClient(kafka_config)
+    admin = AdminClient(dict(kafka_config))  # type: ignore[arg-type]
     specs = topics if topics is not None else list(TOPICS.values())
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     new = [NewTopic(t.name, num_partitions=t.partitions, replication_factor=1,

@@ -28,7 +28,6 @@ from typing import Any
 
 import faust
 
-
 from models import FeatureSpec, ModelError, parse_many
 from models.chem import featurize_mols
 from schemas import TOPICS, Codec, LabloopError

@@ -6,7 +6,6 @@ start of 20, 5% random instrument failures, plus poison events beside the good o
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from pathlib import Path
