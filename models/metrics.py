@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["TopK", "calibration", "topk_measures"]
 
@@ -25,7 +26,7 @@ class TopK:
             true top-k keys are the first ``k`` after a stable sort.
     """
 
-    def __init__(self, values: Sequence[float], k: int, minimize: bool, keys: Sequence[str] | None = None) -> None:
+    def __init__(self, values: ArrayLike, k: int, minimize: bool, keys: Sequence[str] | None = None) -> None:
         v = np.asarray(values, dtype=np.float64)
         ok = np.isfinite(v)
         self.k, self.minimize = k, minimize
@@ -40,7 +41,7 @@ class TopK:
         return np.sort(found)[: self.k] if self.minimize else -np.sort(-found)[: self.k]
 
 
-def topk_measures(top: TopK, found_values: Sequence[float], found_keys: Sequence[str] | None = None) -> dict[str, float]:
+def topk_measures(top: TopK, found_values: ArrayLike, found_keys: Sequence[str] | None = None) -> dict[str, float]:
     """The three MolPAL measures for the compounds acquired so far.
 
     Returns:
@@ -74,6 +75,8 @@ def calibration(y: np.ndarray, mean: np.ndarray, std: np.ndarray) -> dict[str, f
     from math import erf, sqrt
 
     y, mean, std = (np.asarray(a, dtype=np.float64) for a in (y, mean, std))
+    ok = np.isfinite(y) & np.isfinite(mean) & np.isfinite(std)  # no prediction (random start): not rated
+    y, mean, std = y[ok], mean[ok], std[ok]
     if y.size == 0:
         return {"nll": float("nan"), "miscal_area": float("nan")}
     s = np.clip(std, 1e-6, None)

@@ -297,6 +297,94 @@ def demo(
     run_demo(s, report=report, plot=plot, seed=seed, timeout_s=timeout_s, progress=progress, console=console)
 
 
+bench_app = typer.Typer(help="Benchmarks that print ratios measured side by side in one run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("al")
+def bench_al(
+    dataset: Annotated[str | None, typer.Option(help="bundled pool: enamine10k")] = None,
+    csv_path: Annotated[Path | None, typer.Option("--csv", exists=True, dir_okay=False, help="pool CSV (optionally .gz)")] = None,
+    smiles_col: Annotated[str, typer.Option(help="SMILES column of --csv")] = "smiles",
+    objective_col: Annotated[str, typer.Option(help="numeric objective column of --csv; empty = failed")] = "score",
+    minimize: Annotated[bool, typer.Option("--minimize/--maximize", help="direction of the objective")] = True,
+    top_k: Annotated[int, typer.Option(min=1)] = 100,
+    init_frac: float = 0.01,
+    batch_frac: float = 0.01,
+    rounds: Annotated[int, typer.Option(min=0)] = 5,
+    seeds: Annotated[int, typer.Option(min=1)] = 5,
+    learner: str = "gp",
+    policy: str = "ucb",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    asynchronous: Annotated[bool, typer.Option("--async", help="fixed number in flight, results one by one")] = False,
+    stack: Annotated[bool, typer.Option("--stack", help="also run seed 0 through the embedded stack")] = False,
+    report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
+) -> None:
+    """MolPAL's active-learning protocol on any pool of SMILES with a numeric objective."""
+    from streams.bench_al import ALConfig, load_csv, print_bench, run_bench, stack_targets
+    from streams.datasets import enamine10k, published_results
+
+    s = _settings()
+    if (dataset is None) == (csv_path is None):
+        raise typer.BadParameter("give exactly one of --dataset or --csv")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("--device cuda but torch sees no CUDA device")
+    cfg = ALConfig(top_k=top_k, init_frac=init_frac, batch_frac=batch_frac, rounds=rounds, seeds=seeds,
+                   learner=learner, policy=policy, device=None if device == "auto" else device,
+                   asynchronous=asynchronous)
+    X, published = None, None
+    if dataset == "enamine10k":
+        ds = enamine10k()
+        published = published_results() if (init_frac, batch_frac, top_k) == (0.01, 0.01, 100) else None
+    elif dataset is not None:
+        raise typer.BadParameter(f"unknown dataset {dataset!r}; bundled: enamine10k")
+    else:
+        assert csv_path is not None
+        loaded = load_csv(csv_path, smiles_col, objective_col, minimize)
+        ds, X = loaded.dataset, loaded.X
+        for line, why in loaded.skipped[:20]:
+            err.print(f"[yellow]skipped[/] row {line}: {why}")
+        if loaded.skipped:
+            err.print(f"{len(loaded.skipped)} row(s) with unparseable SMILES skipped")
+    n_failed = sum(1 for v in ds.values if v != v)
+    console.print(f"[bold]bench al[/]: {ds.name}, pool {len(ds.smiles)} ({n_failed} without a value = failed "
+                  f"experiments), {'minimize' if ds.minimize else 'maximize'}, top-{top_k}")
+    res = run_bench(ds, cfg, X, console)
+    print_bench(res, published, console)
+    console.print(f"  wall time {res['wall_s']:.1f}s (featurization {res['featurize_s']:.1f}s)")
+    if stack:
+        from dataclasses import replace
+
+        from models import TopK
+        from streams.bench_al import _one_seed_rounds
+        from streams.demo import CampaignDefaults, run_on_stack
+
+        init, batch, budget = stack_targets(len(ds.smiles), cfg)
+        targets = [min(init + i * batch, budget) for i in range(rounds + 1)]
+        import numpy as np
+
+        from streams.bench_al import _featurize
+
+        y = np.asarray(ds.values, dtype=np.float64)
+        offline = _one_seed_rounds(X if X is not None else _featurize(ds), y, ds, replace(cfg, seeds=1), 0,
+                                   TopK(y, top_k, ds.minimize, ds.smiles), targets)
+        run = run_on_stack(s, ds, init, batch, budget, seed=0, top_k=top_k,
+                           defaults=replace(CampaignDefaults(), learner=learner, policy=policy), console=console)
+        t = Table("n acquired", "offline (models/)", "through the stack", title="seed 0: offline vs stack")
+        for a, b in zip(offline, run["rounds"], strict=False):
+            t.add_row(str(int(a["n_acquired"])), f"{a['pct_topk_scores_found']:.1f}", f"{b['pct_topk_scores_found']:.1f}")
+        console.print(t)
+        res["stack"] = {"offline_seed0": [r["pct_topk_scores_found"] for r in offline],
+                        "stack_seed0": [r["pct_topk_scores_found"] for r in run["rounds"]],
+                        "n_acquired": [r["n_acquired"] for r in run["rounds"]]}
+    if report:
+        report.write_text(json.dumps(res, indent=2))
+        console.print(f"  report: {report}")
+
+
 def main() -> None:
     try:
         app()

@@ -30,7 +30,7 @@ from streams.runtime import Stack
 from streams.settings import Settings
 from streams.sql import analyst_client
 
-__all__ = ["CampaignDefaults", "DemoFailed", "run_demo"]
+__all__ = ["CampaignDefaults", "DemoFailed", "run_demo", "run_on_stack"]
 
 EXAMPLE_SQL = [
     ("Best compounds measured so far",
@@ -150,29 +150,29 @@ def _plot(rounds: list[dict[str, Any]], pub: dict[str, list[tuple[int, float, fl
     plt.close(fig)
 
 
-def run_demo(settings: Settings, *, report: Path | None = None, plot: Path = Path("demo_trajectory.png"),
-             seed: int = 0, top_k: int = 100, timeout_s: float = 900, progress: bool = True,
-             lab_latency_s: float = 0.0, console: Console | None = None) -> dict[str, Any]:
-    """Run the demo campaign; returns the report dict (also written to ``report`` as JSON)."""
+def run_on_stack(settings: Settings, ds: Dataset, init: int, batch: int, budget: int, *, seed: int = 0,
+                 top_k: int = 100, timeout_s: float = 900, progress: bool = True, lab_latency_s: float = 0.0,
+                 defaults: CampaignDefaults = CampaignDefaults(), assay_id: str = "objective",
+                 console: Console | None = None) -> dict[str, Any]:
+    """One campaign through the embedded stack with a virtual lab answering from ``ds``.
+
+    Returns the per-batch measures computed from ClickHouse, the readings the lab
+    published and found in ClickHouse, and the example queries' results.
+    """
     console = console or Console()
-    t0 = time.perf_counter()
-    ds = enamine10k()
-    targets = round_targets(len(ds.smiles), 0.01, 0.01, 5)
-    init, budget = targets[0], targets[-1]
-    batch = -(-(budget - init) // 5)  # ceil: 5 batches after the random start, the last capped by the budget
-    cid = f"enamine10k-{time.strftime('%Y%m%d-%H%M%S')}"
+    cid = f"{ds.name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
     codec = Codec(registry_url=settings.schema_registry_url, registry_config=settings.registry_config())
-    console.print(f"[bold]labloop demo[/]: campaign [cyan]{cid}[/], pool {len(ds.smiles)}, random start {init}, "
-                  f"then 5 batches of {batch}, budget {budget} (6%)")
+    console.print(f"[bold]campaign[/] [cyan]{cid}[/]: pool {len(ds.smiles)}, random start {init}, then batches of "
+                  f"{batch}, budget {budget}; {defaults.learner} + {defaults.policy}")
     with Stack(settings) as stack:
         console.print(f"  broker   {stack.bootstrap} ({'embedded Tansu' if stack.broker else 'external'})")
         console.print(f"  sink     ClickHouse {settings.clickhouse_target}, HTTP at {stack.clickhouse_url}")
         console.print(f"  worker   Faust, logs in {settings.data_dir / 'logs'}")
         producer = make_producer(stack.kafka_config)
-        publish_records(producer, codec, "campaigns", "Campaign",
-                        iter([_campaign_record(cid, ds, init, batch, budget, CampaignDefaults(), seed)]))
+        rec = _campaign_record(cid, ds, init, batch, budget, defaults, seed)
+        publish_records(producer, codec, "campaigns", "Campaign", iter([{**rec, "objective_assay_id": assay_id}]))
         t = now_ms()
-        rows = iter([{"campaign_id": cid, "compound_id": f"EN{i:05d}", "smiles": s, "source": "Enamine10k.csv.gz",
+        rows = iter([{"campaign_id": cid, "compound_id": f"P{i:06d}", "smiles": s, "source": ds.name,
                       "event_time": t, "ingest_time": t} for i, s in enumerate(ds.smiles)])
         pub = publish_records(producer, codec, "compounds", "CompoundRegistered", rows)
         producer.close()
@@ -195,8 +195,27 @@ def run_demo(settings: Settings, *, report: Path | None = None, plot: Path = Pat
             time.sleep(0.5)
         rounds = _score(client, cid, ds, top_k)
         examples = [(title, sql.format(cid=cid), client.query(sql.format(cid=cid)).result_rows) for title, sql in EXAMPLE_SQL]
-    wall = time.perf_counter() - t0
+    return {"campaign_id": cid, "rounds": rounds, "readings_published": lab.readings_published,
+            "readings_in_clickhouse": n_readings, "failed": lab.failed, "final": final, "examples": examples}
 
+
+def run_demo(settings: Settings, *, report: Path | None = None, plot: Path = Path("demo_trajectory.png"),
+             seed: int = 0, top_k: int = 100, timeout_s: float = 900, progress: bool = True,
+             lab_latency_s: float = 0.0, console: Console | None = None) -> dict[str, Any]:
+    """Run the demo campaign; returns the report dict (also written to ``report`` as JSON)."""
+    console = console or Console()
+    t0 = time.perf_counter()
+    ds = enamine10k()
+    targets = round_targets(len(ds.smiles), 0.01, 0.01, 5)
+    init, budget = targets[0], targets[-1]
+    batch = -(-(budget - init) // 5)  # ceil: 5 batches after the random start, the last capped by the budget
+    console.print("[bold]labloop demo[/]: MolPAL's protocol on Enamine 10k (1% random start, 5 batches of 1%, "
+                  "docking score minimized)")
+    run = run_on_stack(settings, ds, init, batch, budget, seed=seed, top_k=top_k, timeout_s=timeout_s,
+                       progress=progress, lab_latency_s=lab_latency_s, assay_id="vina-4UNN", console=console)
+    rounds, cid, n_readings = run["rounds"], run["campaign_id"], run["readings_in_clickhouse"]
+    published = run["readings_published"]
+    wall = time.perf_counter() - t0
     pub_res = published_results()
     table = Table(title=f"% of top-{top_k} scores found (Enamine 10k)")
     for col in ("batch", "n acquired", "% pool", "labloop", "random*", "MolPAL RF", "MolPAL NN", "MolPAL MPN"):
@@ -212,23 +231,23 @@ def run_demo(settings: Settings, *, report: Path | None = None, plot: Path = Pat
     console.print("  * MolPAL's published numbers (mean ± sd over their runs, full retraining, greedy)")
     _plot(rounds, pub_res, plot, len(ds.smiles))
     console.print(f"  plot: {plot}")
-    console.print(f"  readings published by the virtual lab: {lab.readings_published}; "
+    console.print(f"  readings published by the virtual lab: {published}; "
                   f"rows in ClickHouse readings for {cid}: {n_readings}"
-                  + ("" if n_readings == lab.readings_published else "  [red](MISMATCH)[/]"))
-    console.print(f"  failed experiments (no score): {lab.failed}")
+                  + ("" if n_readings == published else "  [red](MISMATCH)[/]"))
+    console.print(f"  failed experiments (no score): {run['failed']}")
     console.print("\n[bold]Try it yourself[/] (while `labloop up` runs, or now against the embedded store):")
-    for title, sql, res in examples:
+    for title, sql, res in run["examples"]:
         console.print(f"  -- {title}\n  labloop sql \"{sql}\"")
         console.print(f"     -> {res[:3]}{' ...' if len(res) > 3 else ''}")
     result = {"campaign_id": cid, "pool_size": len(ds.smiles), "top_k": top_k, "n_acquired": rounds[-1]["n_acquired"],
               "pct_topk_scores_found": rounds[-1]["pct_topk_scores_found"], "rounds": rounds,
-              "readings_published": lab.readings_published, "readings_in_clickhouse": n_readings,
-              "failed_experiments": lab.failed, "model_versions": final["model_version"],
+              "readings_published": published, "readings_in_clickhouse": n_readings,
+              "failed_experiments": run["failed"], "model_versions": run["final"]["model_version"],
               "learner": CampaignDefaults.learner, "policy": CampaignDefaults.policy, "wall_s": round(wall, 1)}
     if report:
         report.write_text(json.dumps(result, indent=2))
         console.print(f"  report: {report}")
     console.print(f"  wall time: {wall:.0f}s")
-    if n_readings != lab.readings_published:
-        raise DemoFailed(f"ClickHouse holds {n_readings} readings for {cid}, the lab published {lab.readings_published}")
+    if n_readings != published:
+        raise DemoFailed(f"ClickHouse holds {n_readings} readings for {cid}, the lab published {published}")
     return result
