@@ -100,7 +100,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("model_updates", [("campaign_id", S), ("model_version", "Int64"), ("learner", LS), ("device", LS),
                             ("n_train", "Int64"), ("n_new", "Int64"), ("n_measured", "Int64"), ("n_failed", "Int64"),
                             ("n_pending", "Int64"), ("n_requested", "Int64"), ("pool_size", "Int64"),
-                            ("best_value", "Nullable(Float64)"), ("train_s", "Float64"), ("done", "Bool"),
+                            ("best_value", "Nullable(Float64)"), ("train_s", "Float64"), ("done", "Bool"), ("n_readings", "Int64"),
                             ("event_time", TS)], "(campaign_id, model_version, event_time)", _same),
     Table("dead_letters", [("source_topic", LS), ("source_partition", "Int32"), ("source_offset", "Int64"),
                            ("source_key", "Nullable(String)"), ("stage", LS), ("service", LS), ("error_class", LS),
@@ -126,23 +126,35 @@ def connect(dsn: str, database: str | None = None) -> Client:
 
 
 def create_tables(client: Client, dedup_window: int = 10_000) -> None:
-    """Create every table that is missing (idempotent)."""
+    """Create every missing table and add columns that newer schemas introduced (idempotent)."""
     for t in TABLES.values():
-        cols = ", ".join(f"`{n}` {typ}" for n, typ in [*t.columns, *_PROVENANCE])
-        client.command(f"CREATE TABLE IF NOT EXISTS {t.name} ({cols}) ENGINE = MergeTree ORDER BY {t.order_by} "
+        cols = [*t.columns, *_PROVENANCE]
+        client.command(f"CREATE TABLE IF NOT EXISTS {t.name} ({', '.join(f'`{n}` {typ}' for n, typ in cols)}) "
+                       f"ENGINE = MergeTree ORDER BY {t.order_by} "
                        f"SETTINGS non_replicated_deduplication_window = {dedup_window}")
+        existing = {r[0] for r in client.query(f"SELECT name FROM system.columns WHERE database = currentDatabase() "
+                                                f"AND table = '{t.name}'").result_rows}
+        for n, typ in cols:
+            if n not in existing:
+                client.command(f"ALTER TABLE {t.name} ADD COLUMN IF NOT EXISTS `{n}` {typ}")
 
 
 class _Batch:
-    """Columns accumulated for one table, plus the offset ranges they came from."""
+    """Columns accumulated for one table, plus the offset ranges they came from.
 
-    def __init__(self, table: Table) -> None:
+    The deduplication token names the cluster and, per topic-partition, the offset range
+    and the first message's timestamp: re-reading the same messages gives the same token,
+    while a new broker or a recreated topic that reuses offsets does not.
+    """
+
+    def __init__(self, table: Table, cluster: str = "") -> None:
         self.table = table
+        self.cluster = cluster
         self.names = [n for n, _ in table.columns] + [n for n, _ in _PROVENANCE]
         self.columns: list[list[Any]] = [[] for _ in self.names]
         self.ranges: dict[tuple[str, int], list[int]] = {}
 
-    def add(self, record: Record, topic: str, partition: int, offset: int) -> int:
+    def add(self, record: Record, topic: str, partition: int, offset: int, timestamp_ms: int = 0) -> int:
         n = 0
         for row in _ROWS_OF_TOPIC.get(topic, self.table.rows)(record):
             for col, name in zip(self.columns, self.names[:-3], strict=False):
@@ -151,8 +163,10 @@ class _Batch:
             self.columns[-2].append(partition)
             self.columns[-1].append(offset)
             n += 1
-        r = self.ranges.setdefault((topic, partition), [offset, offset])
-        r[0], r[1] = min(r[0], offset), max(r[1], offset)
+        r = self.ranges.setdefault((topic, partition), [offset, offset, timestamp_ms])
+        if offset < r[0]:
+            r[0], r[2] = offset, timestamp_ms
+        r[1] = max(r[1], offset)
         return n
 
     @property
@@ -160,7 +174,8 @@ class _Batch:
         return len(self.columns[-1])
 
     def token(self) -> str:
-        return self.table.name + "|" + ";".join(f"{t}:{p}:{a}-{b}" for (t, p), (a, b) in sorted(self.ranges.items()))
+        ranges = ";".join(f"{t}:{p}:{a}-{b}@{ts}" for (t, p), (a, b, ts) in sorted(self.ranges.items()))
+        return f"{self.table.name}|{self.cluster}|{ranges}"
 
 
 def _fix(name: str, typ: str, values: list[Any]) -> list[Any]:
@@ -201,6 +216,7 @@ class ClickHouseSink:
     def run(self, idle_exit_s: float | None = None) -> None:
         """Consume until :meth:`stop` (or ``idle_exit_s`` without messages)."""
         self.consumer.subscribe([t.name for t in TOPICS.values()])
+        cluster = self.consumer.list_topics(timeout=30).cluster_id or ""
         batches: dict[str, _Batch] = {}
         offsets: dict[tuple[str, int], int] = {}
         last_flush = last_msg = time.monotonic()
@@ -224,7 +240,8 @@ class ClickHouseSink:
                         self.skipped += 1
                         log.warning("skipped %s[%d]@%d: %s", topic, part, off, exc)
                         continue
-                    batches.setdefault(table.name, _Batch(table)).add(rec, topic, part, off)
+                    ts = m.timestamp()[1]
+                    batches.setdefault(table.name, _Batch(table, cluster)).add(rec, topic, part, off, ts)
                 now = time.monotonic()
                 full = any(b.size >= self.batch_rows for b in batches.values())
                 if offsets and (full or now - last_flush >= self.flush_s):

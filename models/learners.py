@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import io
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,9 @@ import numpy as np
 import torch
 
 from models.errors import NotFitted, UnknownName
+
+# torch flags CSR tensors as beta; labloop uses only CSR @ dense, which is stable.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 __all__ = ["DeepEnsemble", "OnlineLearner", "TanimotoGP", "default_device", "make_learner", "LEARNERS"]
 
@@ -158,10 +162,20 @@ class TanimotoGP(OnlineLearner):
         if self._fit is None:
             raise NotFitted("TanimotoGP.predict called before any update")
         f = self._fit
+        if "Xt32" not in f:
+            f["Xt32"] = f["Xt"].float().T.contiguous()
         means, stds = [], []
         for start in range(0, X.shape[0], chunk):
-            Xs = torch.from_numpy(np.asarray(X[start : start + chunk], dtype=np.float32)).to(self.device, torch.float64)
-            Ks = _tanimoto(Xs, f["Xt"], (Xs * Xs).sum(1), f["sq"])
+            Xs = torch.from_numpy(np.asarray(X[start : start + chunk], dtype=np.float32)).to(self.device)
+            # Fingerprints are ~2% dense: a sparse product is ~5x cheaper on CPU. Counts are small
+            # integers, so float32 dot products are exact while they stay below 2**24.
+            if self.device.type == "cpu":
+                dot = torch.sparse.mm(Xs.to_sparse_csr(), f["Xt32"]).double()
+            else:
+                dot = (Xs @ f["Xt32"]).double()
+            sq = (Xs.double() ** 2).sum(1)
+            denom = sq[:, None] + f["sq"][None, :] - dot
+            Ks = torch.where(denom > 0, dot / denom.clamp_min(1e-12), torch.ones_like(dot))
             m = Ks @ f["alpha"]
             v = 1.0 - ((Ks @ f["W"]) ** 2).sum(1)
             means.append((m * f["sd"] + f["mu"]).cpu().numpy())

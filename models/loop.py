@@ -109,20 +109,46 @@ class PoolState:
         index = np.asarray(index, dtype=np.int64)
         self.status[index[self.status[index] == PENDING]] = AVAILABLE
 
-    def retrain(self) -> bool:
-        """Feed the learner every observation it has not seen; True if it learned."""
+    @property
+    def has_new(self) -> bool:
+        """Observations the learner has not seen yet."""
+        return bool(self._new)
+
+    def take_new(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Hand over the unseen observations: ``(X_new, y_new, X_pool)`` with ``y`` already
+        oriented (higher is better), or None. ``X_pool`` is the pool as it is now; together they
+        are everything :meth:`fit` needs, so the fit can run on another thread while
+        observations keep arriving."""
         if not self._new:
-            return False
+            return None
         idx = np.array(sorted(set(self._new)), dtype=np.int64)
         self._new = []
-        self.learner.update(self.X[idx], self.sign * self.values[idx])
+        return self.X[idx], self.sign * self.values[idx], self.X
+
+    def fit(self, X_new: np.ndarray, y_new: np.ndarray, X_pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Update the learner and score ``X_pool``: the heavy part, safe to run off the event loop
+        while the pool's statuses change (only one fit at a time). Returns ``(mean, std)``
+        in objective units; :meth:`commit` installs them."""
+        self.learner.update(X_new, y_new)
+        m, s = self.learner.predict(X_pool)
+        return self.sign * m, s
+
+    def commit(self, pred: tuple[np.ndarray, np.ndarray]) -> None:
+        """Install a finished fit as the next model version."""
         self.model_version += 1
-        self._pred = None
+        self._pred = pred if pred[0].shape[0] == self.size else None  # the pool grew meanwhile: rescore lazily
+
+    def retrain(self) -> bool:
+        """Feed the learner every observation it has not seen and score the pool; True if it learned."""
+        work = self.take_new()
+        if work is None:
+            return False
+        self.commit(self.fit(*work))
         return True
 
     def predict_pool(self) -> tuple[np.ndarray, np.ndarray]:
         """``(mean, std)`` over the whole pool in objective units (cached per model version)."""
-        if self._pred is None:
+        if self._pred is None or self._pred[0].shape[0] != self.size:
             m, s = self.learner.predict(self.X)
             self._pred = (self.sign * m, s)
         return self._pred

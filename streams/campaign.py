@@ -18,7 +18,7 @@ from models.loop import FAILED, MEASURED, PENDING
 from schemas import InvalidEvent
 from schemas.types import Record
 
-__all__ = ["CampaignRuntime", "Emit", "PREDICTION_CHUNK", "now_ms"]
+__all__ = ["CampaignRuntime", "Emit", "PREDICTION_CHUNK", "Update", "now_ms"]
 
 PREDICTION_CHUNK = 2000  # items per Prediction message: ~60 kB, well under broker limits
 
@@ -39,6 +39,16 @@ class Emit:
     role: str
     name: str
     record: Record
+
+
+@dataclass(frozen=True)
+class Update:
+    """A model update in flight: the new observations, the pool snapshot, readings applied so far."""
+
+    X_new: np.ndarray
+    y_new: np.ndarray
+    X_pool: np.ndarray
+    n_readings: int
 
 
 @dataclass
@@ -67,6 +77,7 @@ class CampaignRuntime:
     seen_readings: set[str] = field(default_factory=set)
     n_requested: int = 0
     n_batches: int = 0
+    n_readings: int = 0  # distinct readings applied, all assays
     done_announced: bool = False
     _staged: list[np.ndarray] = field(default_factory=list)
 
@@ -130,6 +141,7 @@ class CampaignRuntime:
             if r["reading_id"] in self.seen_readings:
                 continue
             self.seen_readings.add(r["reading_id"])
+            self.n_readings += 1
             req = self.requests.get(r.get("request_id") or "")
             if req is not None:
                 req.status = "COMPLETED"
@@ -189,21 +201,44 @@ class CampaignRuntime:
         return max(0, min(k, left))
 
     def has_new_data(self) -> bool:
-        return self.pool is not None and bool(self.pool._new)
+        return self.pool is not None and self.pool.has_new
+
+    def take_update(self) -> Update | None:
+        """Snapshot what the next model update needs (call with the campaign's lock held)."""
+        if self.pool is None:
+            return None
+        work = self.pool.take_new()
+        if work is None:
+            return None
+        return Update(work[0], work[1], work[2], self.n_readings)
+
+    def commit_update(self, update: Update, pred: tuple[np.ndarray, np.ndarray], train_s: float,
+                      device: str) -> list[Emit]:
+        """Install a finished fit and describe it (ModelUpdate + Predictions)."""
+        assert self.pool is not None
+        self.pool.commit(pred)
+        return self.model_events(train_s, int(update.X_new.shape[0]), device, n_readings=update.n_readings)
+
+    def requests_now(self, device: str) -> list[Emit]:
+        """Requests the campaign wants now, or its final report once the budget is spent."""
+        if self.pool is None or self.definition is None:
+            return []
+        k = self.wanted()
+        if k > 0:
+            return self.propose(k)
+        if not self.done_announced and self.definition["budget"] <= self.n_requested and self.pending == 0:
+            return self.model_events(0.0, 0, device, predictions=False, n_readings=self.n_readings)
+        return []
 
     def retrain(self) -> tuple[float, bool]:
-        """Update the model with new observations and score the pool (CPU/GPU heavy: run off the loop).
-
-        Returns ``(seconds, learned)``.
-        """
+        """Update the model and score the pool in one call (offline use and tests)."""
         assert self.pool is not None
         t0 = time.perf_counter()
         learned = self.pool.retrain()
-        if learned:
-            self.pool.predict_pool()
         return time.perf_counter() - t0, learned
 
-    def model_events(self, train_s: float, n_new: int, device: str, predictions: bool = True) -> list[Emit]:
+    def model_events(self, train_s: float, n_new: int, device: str, predictions: bool = True,
+                     n_readings: int = 0) -> list[Emit]:
         """ModelUpdate (+ Prediction chunks) for the current model version.
 
         When the campaign finishes without new data (its last requests failed),
@@ -221,7 +256,8 @@ class CampaignRuntime:
             "campaign_id": self.campaign_id, "model_version": pool.model_version, "learner": self.definition["learner"],
             "device": device, "n_train": pool.learner.n_seen, "n_new": n_new, "n_measured": int(measured.size),
             "n_failed": pool.count(FAILED), "n_pending": pool.count(PENDING), "n_requested": self.n_requested,
-            "pool_size": pool.size, "best_value": best, "train_s": train_s, "done": done, "event_time": t})]
+            "pool_size": pool.size, "best_value": best, "train_s": train_s, "done": done,
+            "n_readings": n_readings, "event_time": t})]
         if predictions and pool.learner.n_seen:
             mean, std = pool.predict_pool()
             for s in range(0, pool.size, PREDICTION_CHUNK):

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,9 @@ class EmbeddedBroker:
     def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
         self.port = port or free_port()
         self.log_path = log_path
+        # A fresh id per start: the broker is memory-only, so offsets restart at 0 and only the
+        # cluster id tells the sink's deduplication tokens apart from an earlier run's.
+        self.cluster_id = f"labloop-{uuid.uuid4().hex[:12]}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -104,7 +108,7 @@ class EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [binary, "broker", "--cluster-id", self.cluster_id, "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/", "--silent"],
             stdout=out, stderr=out, start_new_session=True)
         wait_for_port(self.port, timeout_s, self.proc, "Tansu broker")

@@ -66,7 +66,10 @@ class LabloopWorker:
         self.spec = FeatureSpec()
         self.campaigns: dict[str, CampaignRuntime] = {}
         self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="labloop-compute")
+        # One thread each: torch already uses every core for a fit, and RDKit's batch API its own threads.
+        self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-model")
+        self.chem_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-chem")
+        self.updaters: dict[str, asyncio.Task[None]] = {}
         self.topics = {role: app.topic(t.name, key_type=bytes, value_type=bytes, partitions=t.partitions)
                        for role, t in TOPICS.items()}
 
@@ -98,26 +101,39 @@ class LabloopWorker:
                 await self.dead_letter(ev, "decode", exc)
 
     # ---- the decision step ----------------------------------------------------------------
-    async def tick(self, campaign_id: str) -> None:
-        """Update the model if there is new data, then request what the campaign wants."""
+    def tick(self, campaign_id: str) -> None:
+        """Make sure the campaign's updater runs: it folds in new data, then requests what the campaign wants.
+
+        One updater per campaign at a time; data that arrives while it fits is taken by its
+        next pass, so a backlog costs one update per fit, not one per micro-batch.
+        """
+        task = self.updaters.get(campaign_id)
+        if task is None or task.done():
+            self.updaters[campaign_id] = asyncio.ensure_future(self._updater(campaign_id))
+
+    async def _updater(self, campaign_id: str) -> None:
         rt = self.campaign(campaign_id)
-        async with self.locks[campaign_id]:
-            if rt.pool is None or rt.definition is None:
-                return
-            k = rt.wanted()
-            out: list[Emit] = []
-            if rt.has_new_data():  # awaiting the update coalesces whatever queues meanwhile
-                n_new = len(set(rt.pool._new))
-                loop = asyncio.get_running_loop()
-                train_s, learned = await loop.run_in_executor(self.pool, rt.retrain)
-                if learned:
-                    out += rt.model_events(train_s, n_new, str(rt.pool.learner.device))  # type: ignore[attr-defined]
-                k = rt.wanted()
-            if k > 0:
-                out += rt.propose(k)
-            elif not rt.done_announced and rt.definition["budget"] <= rt.n_requested and rt.pending == 0:
-                out += rt.model_events(0.0, 0, str(rt.pool.learner.device), predictions=False)  # type: ignore[attr-defined]
+        lock = self.locks[campaign_id]
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                async with lock:
+                    if rt.pool is None or rt.definition is None:
+                        return
+                    device = str(getattr(rt.pool.learner, "device", "cpu"))
+                    update = rt.take_update()
+                    if update is None:
+                        out = rt.requests_now(device)
+                        break
+                t0 = time.perf_counter()
+                pred = await loop.run_in_executor(self.model_pool, rt.pool.fit, update.X_new, update.y_new,
+                                                  update.X_pool)
+                async with lock:
+                    events = rt.commit_update(update, pred, time.perf_counter() - t0, device)
+                await self.emit(campaign_id, events)
             await self.emit(campaign_id, out)
+        except Exception:  # an updater must never die silently: log with the campaign, let the next tick retry
+            log.exception("model update or request step of campaign %s failed", campaign_id)
 
     # ---- handlers -------------------------------------------------------------------------
     async def on_campaigns(self, events: list[Any]) -> None:
@@ -131,7 +147,7 @@ class LabloopWorker:
             except (LabloopError, ModelError) as exc:
                 await self.dead_letter(ev, "validate", exc)
         for cid in touched:
-            await self.tick(cid)
+            self.tick(cid)
 
     async def on_compounds(self, events: list[Any]) -> None:
         batch: dict[str, list[tuple[Any, Record]]] = defaultdict(list)
@@ -140,14 +156,14 @@ class LabloopWorker:
         loop = asyncio.get_running_loop()
         for cid, items in batch.items():
             smiles = [r["smiles"] for _, r in items]
-            mols, ok, errors = await loop.run_in_executor(self.pool, parse_many, smiles)
+            mols, ok, errors = await loop.run_in_executor(self.chem_pool, parse_many, smiles)
             bad = set(range(len(items))) - set(ok)
             for pos, err in zip(sorted(bad), errors, strict=True):
                 await self.dead_letter(items[pos][0], "validate", err)
-            X = await loop.run_in_executor(self.pool, featurize_mols, mols, self.spec)
+            X = await loop.run_in_executor(self.chem_pool, featurize_mols, mols, self.spec)
             async with self.locks[cid]:
                 self.campaign(cid).add_compounds([items[i][1] for i in ok], X)
-            await self.tick(cid)
+            self.tick(cid)
 
     async def _apply_readings(self, cid: str, items: list[tuple[Any, Record]]) -> None:
         rt = self.campaign(cid)
@@ -161,7 +177,7 @@ class LabloopWorker:
                     await self.dead_letter(ev, "validate", exc)
             if good:
                 rt.observe(good)
-        await self.tick(cid)
+        self.tick(cid)
 
     async def on_readings(self, events: list[Any]) -> None:
         batch: dict[str, list[tuple[Any, Record]]] = defaultdict(list)
@@ -193,7 +209,7 @@ class LabloopWorker:
             except LabloopError as exc:
                 await self.dead_letter(ev, "validate", exc)
         for cid in touched:
-            await self.tick(cid)
+            self.tick(cid)
 
     async def on_timer(self) -> None:
         now = now_ms()
@@ -202,7 +218,7 @@ class LabloopWorker:
                 expired = rt.expire(now)
             if expired:
                 await self.emit(cid, expired)
-                await self.tick(cid)
+                self.tick(cid)
 
 
 def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker") -> tuple[faust.App, LabloopWorker]:

@@ -175,3 +175,20 @@ def test_poison_is_dead_lettered_with_provenance(loop: dict[str, Any], ch: Any) 
     bad_smiles = ch.query(f"SELECT count() FROM dead_letters WHERE source_topic='{TOPICS['compounds'].name}' "
                           f"AND error_class='InvalidMolecule'").result_rows[0][0]
     assert bad_smiles == 2
+
+
+def test_create_tables_adds_columns_of_newer_schemas(tmp_path: Path) -> None:
+    """An older data directory gains the columns a newer schema added, keeping its rows."""
+    from consumers import connect, create_tables
+
+    client = connect(f"chdb://{tmp_path / 'old'}", "labloop")
+    client.command("CREATE TABLE model_updates (campaign_id String, model_version Int64) ENGINE = MergeTree "
+                   "ORDER BY campaign_id")
+    client.command("INSERT INTO model_updates VALUES ('c', 1)")
+    create_tables(client)
+    create_tables(client)  # idempotent
+    cols = {r[0] for r in client.query("SELECT name FROM system.columns WHERE database = 'labloop' "
+                                       "AND table = 'model_updates'").result_rows}
+    assert {"n_readings", "done", "_offset"} <= cols
+    assert client.query("SELECT campaign_id, n_readings FROM model_updates").result_rows == [("c", 0)]
+    client.close()
