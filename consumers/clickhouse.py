@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import clickhouse_connect
+import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
@@ -178,14 +179,26 @@ class _Batch:
         return f"{self.table.name}|{self.cluster}|{ranges}"
 
 
-def _fix(name: str, typ: str, values: list[Any]) -> list[Any]:
-    if typ.startswith("DateTime64"):
-        from datetime import UTC, datetime
+_ARROW = {"String": pa.string(), "Float64": pa.float64(), "Int32": pa.int32(), "Int64": pa.int64(),
+          "UInt16": pa.uint16(), "UInt64": pa.uint64(), "Bool": pa.bool_()}
 
-        return [datetime.fromtimestamp(v / 1000, UTC) for v in values]
-    if name in ("raw", "source_key"):
-        return [v.decode("latin-1") if isinstance(v, bytes) else v for v in values]
-    return values
+
+def _arrow_type(typ: str) -> pa.DataType:
+    inner = re.sub(r"^(Nullable|LowCardinality)\((.*)\)$", r"\2", typ)
+    inner = re.sub(r"^(Nullable|LowCardinality)\((.*)\)$", r"\2", inner)
+    if inner.startswith("DateTime64"):
+        return pa.timestamp("ms", tz="UTC")
+    return _ARROW[inner]
+
+
+def _arrow_column(name: str, typ: str, values: list[Any]) -> pa.Array:
+    """Epoch-millisecond ints become timestamps without a Python datetime per row."""
+    t = _arrow_type(typ)
+    if pa.types.is_timestamp(t):
+        return pa.array(values, type=pa.int64()).cast(t)
+    if name in ("raw", "source_key"):  # bytes kept verbatim: Arrow binary lands in a String column as is
+        return pa.array(values, type=pa.binary())
+    return pa.array(values, type=t)
 
 
 class ClickHouseSink:
@@ -208,6 +221,7 @@ class ClickHouseSink:
         self.batch_rows, self.flush_s = batch_rows, flush_s
         self.rows_inserted: dict[str, int] = defaultdict(int)
         self.skipped = 0
+        self.last_flush_at = 0.0  # perf_counter() after the last insert was acknowledged
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -220,9 +234,12 @@ class ClickHouseSink:
         batches: dict[str, _Batch] = {}
         offsets: dict[tuple[str, int], int] = {}
         last_flush = last_msg = time.monotonic()
+        assigned = False
         try:
             while not self._stop.is_set():
                 msgs = self.consumer.consume(10_000, 0.2)
+                if not assigned and self.consumer.assignment():
+                    assigned, last_msg = True, time.monotonic()  # idle time counts from the join
                 for m in msgs:
                     if m.error():
                         log.warning("consumer error: %s", m.error())
@@ -247,7 +264,7 @@ class ClickHouseSink:
                 if offsets and (full or now - last_flush >= self.flush_s):
                     self._flush(batches, offsets)
                     batches, offsets, last_flush = {}, {}, now
-                if idle_exit_s is not None and now - last_msg > idle_exit_s:
+                if idle_exit_s is not None and assigned and now - last_msg > idle_exit_s:
                     break
             if offsets:
                 self._flush(batches, offsets)
@@ -261,15 +278,16 @@ class ClickHouseSink:
             if not b.size:
                 continue
             types = dict([*b.table.columns, *_PROVENANCE])
-            data = [_fix(n, types[n], c) for n, c in zip(b.names, b.columns, strict=True)]
+            table = pa.table([_arrow_column(n, types[n], c) for n, c in zip(b.names, b.columns, strict=True)],
+                             names=b.names)
             try:
                 with self.lock:
-                    self.client.insert(b.table.name, data, column_names=b.names, column_oriented=True,
-                                       settings={"insert_deduplication_token": b.token()})
+                    self.client.insert_arrow(b.table.name, table, settings={"insert_deduplication_token": b.token()})
             except ClickHouseError as exc:
                 raise SinkError(f"insert into {b.table.name} failed: {exc}") from exc
             self.rows_inserted[b.table.name] += b.size
         self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
+        self.last_flush_at = time.perf_counter()
 
 
 _FORMAT_RE = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)

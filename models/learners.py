@@ -39,8 +39,12 @@ class OnlineLearner(abc.ABC):
     name: str = "learner"
 
     @abc.abstractmethod
-    def update(self, X: np.ndarray, y: np.ndarray) -> None:
-        """Learn from ``n`` new observations (``n >= 0``)."""
+    def update(self, X: np.ndarray, y: np.ndarray, keys: np.ndarray | None = None) -> None:
+        """Learn from ``n`` new observations (``n >= 0``).
+
+        ``keys`` (length ``n``, integers) name the compounds: an observation of a key seen
+        before is a replicate of it. Without keys every row is a new compound.
+        """
 
     @abc.abstractmethod
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,12 +89,14 @@ def _tanimoto(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor, b_sq: torch.
 class TanimotoGP(OnlineLearner):
     """Exact Gaussian process with a Tanimoto kernel on (count) fingerprints.
 
-    ``update`` appends the new observations and refits the two hyper-parameters
+    ``update`` adds the new observations and refits the two hyper-parameters
     (signal variance and noise) by maximum marginal likelihood over a grid of
-    noise ratios, using one eigendecomposition of the Tanimoto Gram matrix. Cost:
-    ``O(n^3)`` per update, ``O(n m d)`` per prediction of ``m`` rows. Beyond
-    ``max_train`` observations it keeps the best half and the most recent half,
-    so memory stays bounded on long campaigns.
+    noise ratios, using one eigendecomposition of the Tanimoto Gram matrix. A row
+    seen before (the same compound measured again) is a replicate: its target
+    becomes the mean of its measurements, so ``n`` counts distinct compounds.
+    Cost: ``O(n^3)`` per update, ``O(n m nnz)`` per prediction of ``m`` rows.
+    Beyond ``max_train`` compounds it keeps the best half and the most recent
+    half, so memory and time stay bounded on long campaigns.
 
     Args:
         device: ``"cpu"`` or ``"cuda"``; ``None`` picks CUDA when present.
@@ -100,18 +106,21 @@ class TanimotoGP(OnlineLearner):
     name = "gp"
     _RATIOS = np.logspace(-3, 0.5, 24)
 
-    def __init__(self, device: str | None = None, max_train: int = 6000) -> None:
+    def __init__(self, device: str | None = None, max_train: int = 4000) -> None:
         self.device = torch.device(device or default_device())
         self.max_train = max_train
         self._X = np.zeros((0, 0), dtype=np.float32)
         self._y = np.zeros(0, dtype=np.float64)
+        self._n = np.zeros(0, dtype=np.int64)  # measurements behind each row
+        self._rows: dict[int, int] = {}  # compound key -> row
+        self._seen = 0
         self._fit: dict[str, Any] | None = None
 
     @property
     def n_seen(self) -> int:
-        return int(self._y.shape[0])
+        return self._seen
 
-    def update(self, X: np.ndarray, y: np.ndarray) -> None:
+    def update(self, X: np.ndarray, y: np.ndarray, keys: np.ndarray | None = None) -> None:
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.float64).reshape(-1)
         if X.shape[0] != y.shape[0]:
@@ -120,15 +129,38 @@ class TanimotoGP(OnlineLearner):
             return
         if not np.all(np.isfinite(y)):
             raise ValueError("y contains NaN or infinite values")
-        self._X = X.copy() if self._X.size == 0 else np.concatenate([self._X, X])
-        self._y = np.concatenate([self._y, y])
+        if self._X.size == 0:
+            self._X = np.zeros((0, X.shape[1]), dtype=np.float32)
+        if keys is None:  # anonymous rows: each one a new compound
+            keys = np.arange(self._seen, self._seen + y.shape[0]) + (1 << 62)
+        pos = np.empty(y.shape[0], dtype=np.int64)
+        fresh = []
+        for j, k in enumerate(np.asarray(keys).tolist()):
+            i = self._rows.get(k)
+            if i is None:
+                i = self._rows[k] = len(self._rows)
+                fresh.append(j)
+            pos[j] = i
+        n_rows = len(self._rows)
+        sums = np.zeros(n_rows)
+        counts = np.zeros(n_rows, dtype=np.int64)
+        sums[: self._y.shape[0]] = self._y * self._n
+        counts[: self._n.shape[0]] = self._n
+        np.add.at(sums, pos, y)
+        np.add.at(counts, pos, 1)
+        if fresh:
+            self._X = np.concatenate([self._X, X[fresh]])
+        self._n, self._y = counts, sums / counts
+        self._seen += int(y.shape[0])
         if self._y.shape[0] > self.max_train:
             half = self.max_train // 2
             recent = np.arange(self._y.shape[0] - half, self._y.shape[0])
             rest = np.arange(self._y.shape[0] - half)
             best = rest[np.argsort(-self._y[rest], kind="stable")[: self.max_train - half]]
             keep = np.sort(np.concatenate([best, recent]))
-            self._X, self._y = self._X[keep], self._y[keep]
+            self._X, self._y, self._n = self._X[keep], self._y[keep], self._n[keep]
+            by_row = {i: k for k, i in self._rows.items()}
+            self._rows = {by_row[int(old)]: new for new, old in enumerate(keep)}
         self._refit()
 
     def _refit(self) -> None:
@@ -185,12 +217,19 @@ class TanimotoGP(OnlineLearner):
         return np.concatenate(means), np.concatenate(stds)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "X": self._X, "y": self._y, "max_train": self.max_train}
+        keys = np.empty(len(self._rows), dtype=np.int64)
+        for k, i in self._rows.items():
+            keys[i] = k
+        return {"name": self.name, "X": self._X, "y": self._y, "n": self._n, "keys": keys, "seen": self._seen,
+                "max_train": self.max_train}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.max_train = int(state["max_train"])
         self._X = np.asarray(state["X"], dtype=np.float32)
         self._y = np.asarray(state["y"], dtype=np.float64)
+        self._n = np.asarray(state["n"], dtype=np.int64)
+        self._seen = int(state["seen"])
+        self._rows = {int(k): i for i, k in enumerate(state["keys"])}
         self._fit = None
         if self._y.shape[0]:
             self._refit()
@@ -239,7 +278,8 @@ class DeepEnsemble(OnlineLearner):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             self._members.append(_MLP(d, self.hidden).to(self.device))
 
-    def update(self, X: np.ndarray, y: np.ndarray) -> None:
+    def update(self, X: np.ndarray, y: np.ndarray, keys: np.ndarray | None = None) -> None:
+        # Replicates stay separate rows: an MLP averages them by itself.
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.float64).reshape(-1)
         if X.shape[0] != y.shape[0]:

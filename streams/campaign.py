@@ -47,6 +47,7 @@ class Update:
 
     X_new: np.ndarray
     y_new: np.ndarray
+    keys: np.ndarray
     X_pool: np.ndarray
     n_readings: int
 
@@ -210,7 +211,7 @@ class CampaignRuntime:
         work = self.pool.take_new()
         if work is None:
             return None
-        return Update(work[0], work[1], work[2], self.n_readings)
+        return Update(work[0], work[1], work[2], work[3], self.n_readings)
 
     def commit_update(self, update: Update, pred: tuple[np.ndarray, np.ndarray], train_s: float,
                       device: str) -> list[Emit]:

@@ -385,6 +385,34 @@ def bench_al(
         console.print(f"  report: {report}")
 
 
+@bench_app.command("stream")
+def bench_stream(
+    workers: Annotated[int, typer.Option(min=1, help="worker processes in one consumer group")] = 1,
+    plate_readings: Annotated[int, typer.Option(min=384)] = 1_000_000,
+    single_readings: Annotated[int, typer.Option(min=100)] = 60_000,
+    campaigns: Annotated[int, typer.Option(min=1, max=4)] = 4,
+    latency_rate: float = 1000.0,
+    latency_seconds: float = 10.0,
+    report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
+) -> None:
+    """Throughput and latency of the stream on the embedded stack, beside the machine's own ceilings."""
+    import tempfile
+
+    from streams.bench_stream import StreamBenchConfig, print_stream_bench, run_stream_bench
+    from streams.runtime import free_port
+
+    s = _settings()
+    with tempfile.TemporaryDirectory() as d:
+        s = s.model_copy(update={"data_dir": Path(d), "clickhouse_http_port": free_port()})
+        cfg = StreamBenchConfig(campaigns=campaigns, plate_readings=plate_readings, single_readings=single_readings,
+                                latency_rate=latency_rate, latency_seconds=latency_seconds, workers=workers)
+        res = run_stream_bench(s, cfg, console)
+    print_stream_bench(res, console)
+    if report:
+        report.write_text(json.dumps(res, indent=2))
+        console.print(f"  report: {report}")
+
+
 def main() -> None:
     try:
         app()

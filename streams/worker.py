@@ -127,7 +127,7 @@ class LabloopWorker:
                         break
                 t0 = time.perf_counter()
                 pred = await loop.run_in_executor(self.model_pool, rt.pool.fit, update.X_new, update.y_new,
-                                                  update.X_pool)
+                                                  update.keys, update.X_pool)
                 async with lock:
                     events = rt.commit_update(update, pred, time.perf_counter() - t0, device)
                 await self.emit(campaign_id, events)

@@ -157,3 +157,19 @@ def test_greedy_and_ucb_rank_as_defined() -> None:
     mean, std, none = np.array([1.0, 2.0, 0.0]), np.array([0.0, 0.0, 2.0]), np.zeros(3, bool)
     assert make_policy("greedy").select(mean, std, none, 3).tolist() == [1, 0, 2]
     assert make_policy("ucb").select(mean, std, none, 1).tolist() == [2]  # 0 + 2*2 > 2
+
+
+def test_gp_treats_repeated_compounds_as_replicates() -> None:
+    X, y = _data(30)
+    gp = learner("gp")
+    gp.update(X[:20], y[:20], keys=np.arange(20))
+    gp.update(X[:5], y[:5] + 2.0, keys=np.arange(5))  # the same five compounds measured again, 2 units higher
+    assert gp.n_seen == 25
+    assert gp._X.shape[0] == 20  # distinct compounds
+    np.testing.assert_allclose(gp._y[:5], y[:5] + 1.0)  # the mean of both measurements
+    gp.update(X[:5], y[:5])  # without keys, rows are new compounds
+    assert gp._X.shape[0] == 25
+    clone = learner("gp")
+    clone.from_bytes(gp.to_bytes())
+    clone.update(X[:1], y[:1] + 4.0, keys=np.array([0]))  # keys survive a round trip
+    assert clone._X.shape[0] == 25
