@@ -10,6 +10,7 @@ import abc
 import io
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -95,20 +96,36 @@ class TanimotoGP(OnlineLearner):
     seen before (the same compound measured again) is a replicate: its target
     becomes the mean of its measurements, so ``n`` counts distinct compounds.
     Cost: ``O(n^3)`` per update, ``O(n m nnz)`` per prediction of ``m`` rows.
-    Beyond ``max_train`` compounds it keeps the best half and the most recent
-    half, so memory and time stay bounded on long campaigns.
+
+    Past ``exact_max`` compounds (a long or replayed campaign) it switches to a
+    Nyström approximation on ``landmarks`` training compounds (a deterministic
+    random subset, re-drawn when ``n`` has grown fourfold): a deterministic
+    training conditional (DTC) GP whose update costs ``O(n L^2)`` and whose
+    predictions ``O(m L^2)``, with the pool's landmark features cached between
+    updates. Replicates weigh by their count. Beyond ``max_train`` compounds it
+    keeps the best half and the most recent half.
 
     Args:
         device: ``"cpu"`` or ``"cuda"``; ``None`` picks CUDA when present.
         max_train: cap on the stored training set.
+        exact_max: largest training set fitted exactly.
+        landmarks: inducing compounds of the approximation.
     """
 
     name = "gp"
     _RATIOS = np.logspace(-3, 0.5, 24)
 
-    def __init__(self, device: str | None = None, max_train: int = 4000) -> None:
+    def __init__(self, device: str | None = None, max_train: int = 50_000, exact_max: int = 1500,
+                 landmarks: int = 512) -> None:
         self.device = torch.device(device or default_device())
         self.max_train = max_train
+        self.exact_max = exact_max
+        self.landmarks = landmarks
+        self._Z: np.ndarray | None = None  # landmark fingerprints
+        self._z_at = 0  # n when the landmarks were drawn
+        self._z_version = 0
+        self._Phi: torch.Tensor | None = None  # landmark features of the training rows, in row order
+        self._pool_cache: tuple[Any, int, torch.Tensor] | None = None
         self._X = np.zeros((0, 0), dtype=np.float32)
         self._y = np.zeros(0, dtype=np.float64)
         self._n = np.zeros(0, dtype=np.int64)  # measurements behind each row
@@ -161,9 +178,95 @@ class TanimotoGP(OnlineLearner):
             self._X, self._y, self._n = self._X[keep], self._y[keep], self._n[keep]
             by_row = {i: k for k, i in self._rows.items()}
             self._rows = {by_row[int(old)]: new for new, old in enumerate(keep)}
+            self._Phi = None  # rows moved: featurize again
         self._refit()
 
     def _refit(self) -> None:
+        if self._y.shape[0] > self.exact_max:
+            self._refit_nystrom()
+        else:
+            self._refit_exact()
+
+    # ---- Nyström (DTC) path -------------------------------------------------------------
+    def _landmark_features(self, X: np.ndarray, chunk: int = 4096) -> torch.Tensor:
+        """``phi(x) = L_Z^-1 k_Z(x)``: ``len(X) x L`` float64, so that ``phi(x).phi(x')`` approximates k."""
+        f = self._zfit
+        out = []
+        for start in range(0, X.shape[0], chunk):
+            Xs = torch.from_numpy(np.asarray(X[start : start + chunk], dtype=np.float32)).to(self.device)
+            if self.device.type == "cpu":
+                dot = torch.sparse.mm(Xs.to_sparse_csr(), f["Zt32"]).double()
+            else:
+                dot = (Xs @ f["Zt32"]).double()
+            sq = (Xs.double() ** 2).sum(1)
+            denom = sq[:, None] + f["zsq"][None, :] - dot
+            K = torch.where(denom > 0, dot / denom.clamp_min(1e-12), torch.ones_like(dot))
+            out.append(torch.linalg.solve_triangular(f["Lz"], K.T, upper=False).T)
+        return torch.cat(out) if out else torch.zeros((0, f["Lz"].shape[0]), dtype=torch.float64, device=self.device)
+
+    def _draw_landmarks(self) -> None:
+        n = self._y.shape[0]
+        pick = np.sort(np.random.default_rng(n).choice(n, size=min(self.landmarks, n), replace=False))
+        self._set_landmarks(self._X[pick], n)
+
+    def _set_landmarks(self, Z: np.ndarray, z_at: int) -> None:
+        self._Z, self._z_at = Z, z_at
+        self._z_version += 1
+        Zt = torch.from_numpy(Z).to(self.device, torch.float64)
+        zsq = (Zt * Zt).sum(1)
+        Kzz = _tanimoto(Zt, Zt, zsq, zsq) + 1e-6 * torch.eye(Z.shape[0], dtype=torch.float64, device=self.device)
+        self._zfit = {"Lz": torch.linalg.cholesky(Kzz), "Zt32": Zt.float().T.contiguous(), "zsq": zsq}
+        self._Phi = None
+
+    def _refit_nystrom(self) -> None:
+        n = self._y.shape[0]
+        if self._Z is None or n > 4 * self._z_at:
+            self._draw_landmarks()
+        elif not hasattr(self, "_zfit"):
+            self._set_landmarks(self._Z, self._z_at)
+        done = 0 if self._Phi is None else self._Phi.shape[0]
+        new = self._landmark_features(self._X[done:])
+        self._Phi = new if self._Phi is None or done == 0 else torch.cat([self._Phi, new])
+        Phi = self._Phi
+        c = torch.from_numpy(self._n.astype(np.float64)).to(self.device)
+        mu = float(np.average(self._y, weights=self._n))
+        sd = float(np.sqrt(np.average((self._y - mu) ** 2, weights=self._n))) or 1.0
+        yt = torch.from_numpy((self._y - mu) / sd).to(self.device, torch.float64)
+        lam, V = torch.linalg.eigh((Phi * c[:, None]).T @ Phi)
+        lam = lam.clamp_min(0.0)
+        u = V.T @ (Phi.T @ (c * yt))
+        yCy = float((c * yt * yt).sum())
+        log_c = float(torch.log(c).sum())
+        best: tuple[float, float, float] | None = None
+        for r in self._RATIOS:
+            quad = (yCy - float((u * u / (lam + r)).sum())) / float(r)
+            s2 = max(quad / n, 1e-12)
+            nll = 0.5 * n * math.log(s2) + 0.5 * (n * math.log(float(r)) - log_c + float(torch.log1p(lam / float(r)).sum()))
+            if best is None or nll < best[0]:
+                best = (nll, float(r), s2)
+        assert best is not None
+        _, ratio, s2 = best
+        self._fit = {"kind": "nystrom", "w": V @ (u / (lam + ratio)), "Wv": V * torch.rsqrt(lam + ratio)[None, :],
+                     "s2": s2, "ratio": ratio, "mu": mu, "sd": sd, "z_version": self._z_version}
+
+    def _predict_nystrom(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f = self._fit
+        assert f is not None
+        cache = self._pool_cache
+        if cache is not None and cache[0]() is X and cache[1] == f["z_version"]:
+            Phi = cache[2]
+        else:
+            Phi = self._landmark_features(X)
+            try:
+                self._pool_cache = (weakref.ref(X), f["z_version"], Phi)
+            except TypeError:  # not weak-referenceable (a view): no caching
+                self._pool_cache = None
+        mean = Phi @ f["w"]
+        var = (1.0 - (Phi * Phi).sum(1)).clamp_min(0.0) + f["ratio"] * ((Phi @ f["Wv"]) ** 2).sum(1)
+        return (mean * f["sd"] + f["mu"]).cpu().numpy(), (torch.sqrt(var * f["s2"]) * f["sd"]).cpu().numpy()
+
+    # ---- exact path ---------------------------------------------------------------------
+    def _refit_exact(self) -> None:
         dev = self.device
         Xt = torch.from_numpy(self._X).to(dev, torch.float64)
         sq = (Xt * Xt).sum(1)
@@ -188,11 +291,13 @@ class TanimotoGP(OnlineLearner):
         alpha = Q @ (inv_diag * z)
         # (K + rI)^-1 = Q diag(1/(lam+r)) Q^T; keep the factor W = Q diag(1/sqrt(lam+r)).
         W = Q * torch.sqrt(inv_diag)[None, :]
-        self._fit = {"Xt": Xt, "sq": sq, "alpha": alpha, "W": W, "s2": s2, "ratio": ratio, "mu": mu, "sd": sd}
+        self._fit = {"kind": "exact", "Xt": Xt, "sq": sq, "alpha": alpha, "W": W, "s2": s2, "ratio": ratio, "mu": mu, "sd": sd}
 
     def predict(self, X: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         if self._fit is None:
             raise NotFitted("TanimotoGP.predict called before any update")
+        if self._fit["kind"] == "nystrom":
+            return self._predict_nystrom(np.asarray(X, dtype=np.float32) if X.dtype != np.float32 else X)
         f = self._fit
         if "Xt32" not in f:
             f["Xt32"] = f["Xt"].float().T.contiguous()
@@ -221,7 +326,8 @@ class TanimotoGP(OnlineLearner):
         for k, i in self._rows.items():
             keys[i] = k
         return {"name": self.name, "X": self._X, "y": self._y, "n": self._n, "keys": keys, "seen": self._seen,
-                "max_train": self.max_train}
+                "max_train": self.max_train, "exact_max": self.exact_max, "landmarks": self.landmarks,
+                "Z": self._Z, "z_at": self._z_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.max_train = int(state["max_train"])
@@ -230,6 +336,10 @@ class TanimotoGP(OnlineLearner):
         self._n = np.asarray(state["n"], dtype=np.int64)
         self._seen = int(state["seen"])
         self._rows = {int(k): i for i, k in enumerate(state["keys"])}
+        self.exact_max, self.landmarks = int(state["exact_max"]), int(state["landmarks"])
+        self._Phi, self._pool_cache = None, None
+        if state["Z"] is not None:
+            self._set_landmarks(np.asarray(state["Z"], dtype=np.float32), int(state["z_at"]))
         self._fit = None
         if self._y.shape[0]:
             self._refit()

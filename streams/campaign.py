@@ -119,39 +119,53 @@ class CampaignRuntime:
             self._staged.append(Xn)
         return len(rows)
 
-    def validate_reading(self, r: Record) -> None:
-        """Raise :class:`InvalidEvent` for a reading the campaign cannot use."""
-        if self.definition is None:
-            raise InvalidEvent(f"reading {r['reading_id']} for unknown campaign {self.campaign_id!r}")
-        if r["compound_id"] not in self.index:
-            raise InvalidEvent(f"reading {r['reading_id']}: compound {r['compound_id']!r} is not in campaign {self.campaign_id!r}")
-        if not math.isfinite(r["value"]):
-            raise InvalidEvent(f"reading {r['reading_id']}: value {r['value']} is not finite")
-        if r["assay_id"] == self.definition["objective_assay_id"] and r["unit"] != self.definition["unit"]:
-            raise InvalidEvent(f"reading {r['reading_id']}: unit {r['unit']!r}, campaign expects {self.definition['unit']!r}")
-        req = r.get("request_id")
-        if req is not None and req not in self.requests:
-            raise InvalidEvent(f"reading {r['reading_id']}: request {req!r} does not exist")
+    def apply_readings(self, assay_id: str, unit: str, readings: list[Record]) -> list[InvalidEvent]:
+        """Validate and apply readings of one assay and unit (a plate's wells, or single readings).
 
-    def observe(self, readings: list[Record]) -> int:
-        """Apply validated readings; duplicates (same ``reading_id``) change nothing. Returns how many were new."""
-        assert self.pool is not None and self.definition is not None
-        objective = self.definition["objective_assay_id"]
-        idx, vals = [], []
+        Each record needs ``reading_id``, ``compound_id``, ``value`` and ``request_id``. A
+        reading already applied (same ``reading_id``) changes nothing. Returns one error per
+        rejected reading; the others are applied.
+        """
+        if self.definition is None or self.pool is None:
+            ids = ", ".join(r["reading_id"] for r in readings[:3]) + (" ..." if len(readings) > 3 else "")
+            return [InvalidEvent(f"{len(readings)} reading(s) ({ids}) for unknown campaign {self.campaign_id!r}")]
+        d = self.definition
+        objective = assay_id == d["objective_assay_id"]
+        if objective and unit != d["unit"]:
+            return [InvalidEvent(f"reading {r['reading_id']}: unit {unit!r}, campaign expects {d['unit']!r}")
+                    for r in readings]
+        index, seen, requests = self.index, self.seen_readings, self.requests
+        errors: list[InvalidEvent] = []
+        idx: list[int] = []
+        vals: list[float] = []
         for r in readings:
-            if r["reading_id"] in self.seen_readings:
+            rid = r["reading_id"]
+            if rid in seen:
                 continue
-            self.seen_readings.add(r["reading_id"])
-            self.n_readings += 1
-            req = self.requests.get(r.get("request_id") or "")
+            ci = index.get(r["compound_id"])
+            if ci is None:
+                errors.append(InvalidEvent(
+                    f"reading {rid}: compound {r['compound_id']!r} is not in campaign {self.campaign_id!r}"))
+                continue
+            v = r["value"]
+            if not math.isfinite(v):
+                errors.append(InvalidEvent(f"reading {rid}: value {v} is not finite"))
+                continue
+            req = r["request_id"]
             if req is not None:
-                req.status = "COMPLETED"
-            if r["assay_id"] == objective:
-                idx.append(self.index[r["compound_id"]])
-                vals.append(r["value"])
+                rq = requests.get(req)
+                if rq is None:
+                    errors.append(InvalidEvent(f"reading {rid}: request {req!r} does not exist"))
+                    continue
+                rq.status = "COMPLETED"
+            seen.add(rid)
+            self.n_readings += 1
+            if objective:
+                idx.append(ci)
+                vals.append(v)
         if idx:
             self.pool.observe(np.array(idx), np.array(vals, dtype=np.float64))
-        return len(idx)
+        return errors
 
     def on_status(self, r: Record) -> None:
         """Apply a robot's status report (FAILED retires the compound, EXPIRED re-queues it)."""

@@ -165,37 +165,30 @@ class LabloopWorker:
                 self.campaign(cid).add_compounds([items[i][1] for i in ok], X)
             self.tick(cid)
 
-    async def _apply_readings(self, cid: str, items: list[tuple[Any, Record]]) -> None:
-        rt = self.campaign(cid)
-        good = []
-        async with self.locks[cid]:
-            for ev, r in items:
-                try:
-                    rt.validate_reading(r)
-                    good.append(r)
-                except LabloopError as exc:
-                    await self.dead_letter(ev, "validate", exc)
-            if good:
-                rt.observe(good)
-        self.tick(cid)
-
     async def on_readings(self, events: list[Any]) -> None:
-        batch: dict[str, list[tuple[Any, Record]]] = defaultdict(list)
+        touched: set[str] = set()
         async for ev, r in self.decoded(events, ("AssayReading",)):
-            batch[r["campaign_id"]].append((ev, r))
-        for cid, items in batch.items():
-            await self._apply_readings(cid, items)
+            cid = r["campaign_id"]
+            async with self.locks[cid]:
+                errors = self.campaign(cid).apply_readings(r["assay_id"], r["unit"], [r])
+            for exc in errors:
+                await self.dead_letter(ev, "validate", exc)
+            touched.add(cid)
+        for cid in touched:
+            self.tick(cid)
 
     async def on_plates(self, events: list[Any]) -> None:
-        batch: dict[str, list[tuple[Any, Record]]] = defaultdict(list)
+        """One plate at a time: plate-level checks once, then the wells in a tight loop."""
+        touched: set[str] = set()
         async for ev, plate in self.decoded(events, ("PlateReadout",)):
-            for w in plate["wells"]:
-                batch[plate["campaign_id"]].append((ev, {
-                    **w, "campaign_id": plate["campaign_id"], "assay_id": plate["assay_id"], "unit": plate["unit"],
-                    "instrument_id": plate["instrument_id"], "event_time": plate["event_time"],
-                    "ingest_time": plate["ingest_time"]}))
-        for cid, items in batch.items():
-            await self._apply_readings(cid, items)
+            cid = plate["campaign_id"]
+            async with self.locks[cid]:
+                errors = self.campaign(cid).apply_readings(plate["assay_id"], plate["unit"], plate["wells"])
+            for exc in errors:
+                await self.dead_letter(ev, "validate", exc)
+            touched.add(cid)
+        for cid in touched:
+            self.tick(cid)
 
     async def on_status(self, events: list[Any]) -> None:
         touched = set()
