@@ -24,6 +24,6 @@ def make_consumer(kafka_config: dict[str, str], group_id: str, session_timeout_s
     conf: dict[str, str | int] = {**kafka_config, "group.id": group_id, "enable.auto.commit": False,
                                   "auto.offset.reset": "earliest", "session.timeout.ms": int(session_timeout_s * 1000),
                                   "heartbeat.interval.ms": max(100, int(session_timeout_s * 1000 / 4)),
-                                  "fetch.wait.max.ms": 100}
+                                  "fetch.wait.max.ms": 20}  # Tansu holds a fetch for the whole wait
     conf.update(extra)
     return Consumer(conf)

@@ -115,8 +115,8 @@ class TanimotoGP(OnlineLearner):
     name = "gp"
     _RATIOS = np.logspace(-3, 0.5, 24)
 
-    def __init__(self, device: str | None = None, max_train: int = 50_000, exact_max: int = 1500,
-                 landmarks: int = 512) -> None:
+    def __init__(self, device: str | None = None, max_train: int = 50_000, exact_max: int = 700,
+                 landmarks: int = 256) -> None:
         self.device = torch.device(device or default_device())
         self.max_train = max_train
         self.exact_max = exact_max

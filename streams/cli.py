@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -79,11 +80,14 @@ def up(workers: Annotated[int, typer.Option(help="Faust worker processes")] = 1)
 @app.command(hidden=True)
 def worker() -> None:
     """Run one Faust worker (started by `labloop up`)."""
+    import torch
     from faust.worker import Worker
 
     from streams.worker import create_app
 
     s = _settings()
+    # The event loop needs a core of its own; fits share the rest (2 cores here: one thread).
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     faust_app, _ = create_app(s, _kafka(s)["bootstrap.servers"])
     Worker(faust_app, loglevel=s.log_level, quiet=True).execute_from_commandline()
 

@@ -167,7 +167,7 @@ class Stack:
         env = dict(os.environ)
         env["LABLOOP_KAFKA_BOOTSTRAP"] = self.bootstrap
         for name in ("clickhouse_dsn", "clickhouse_http_port", "data_dir", "device", "log_level",
-                     "kafka_session_timeout_s", "worker_batch", "worker_batch_window_s"):
+                     "kafka_session_timeout_s", "kafka_fetch_max_wait_ms", "worker_batch", "worker_batch_window_s"):
             value = getattr(self.settings, name)
             env[f"LABLOOP_{name.upper()}"] = str(value.resolve() if isinstance(value, Path) else value)
         return env

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: Path | None = None
     kafka_session_timeout_s: float = Field(6.0, description="consumer session timeout; Tansu joins take half of it")
+    kafka_fetch_max_wait_ms: int = Field(20, description="worker fetch long-poll; Tansu holds every fetch this long")
     schema_registry_url: str | None = Field(None, description="Confluent Schema Registry; unset = single-object Avro")
     schema_registry_auth: SecretStr | None = Field(None, description="user:password for the registry")
 
@@ -44,7 +45,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".labloop")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     worker_batch: int = Field(2000, description="max events per micro-batch")
-    worker_batch_window_s: float = Field(0.2, description="max wait to fill a micro-batch")
+    worker_batch_window_s: float = Field(0.05, description="max wait to fill a micro-batch (a backlog fills it at once)")
     sink_batch_rows: int = 50_000
     sink_flush_s: float = 0.5
     log_level: Literal["debug", "info", "warn", "error"] = "warn"

@@ -216,7 +216,9 @@ class LabloopWorker:
 
 def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker") -> tuple[faust.App, LabloopWorker]:
     """Build the Faust app and its agents for a broker at ``bootstrap`` (``host:port[,...]``)."""
-    brokers = [f"kafka://{b.strip()}" for b in bootstrap.split(",") if b.strip()]
+    from streams import faust_transport
+
+    brokers = [f"{faust_transport.SCHEME}://{b.strip()}" for b in bootstrap.split(",") if b.strip()]
     app = faust.App(
         app_id, broker=brokers, broker_credentials=_credentials(settings),
         value_serializer="raw", key_serializer="raw", web_enabled=False,
@@ -226,6 +228,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
         consumer_auto_offset_reset="earliest", producer_linger_ms=5, processing_guarantee="at_least_once",
         stream_buffer_maxsize=max(4096, settings.worker_batch * 2),
     )
+    app.labloop_fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms  # read by streams.faust_transport
     w = LabloopWorker(app, settings)
     n, within = settings.worker_batch, settings.worker_batch_window_s
 
