@@ -228,7 +228,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
         consumer_auto_offset_reset="earliest", producer_linger_ms=5, processing_guarantee="at_least_once",
         stream_buffer_maxsize=max(4096, settings.worker_batch * 2),
     )
-    app.labloop_fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms  # read by streams.faust_transport
+    app.labloop_fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms  # type: ignore[attr-defined]  # streams.faust_transport reads it
     w = LabloopWorker(app, settings)
     n, within = settings.worker_batch, settings.worker_batch_window_s
 
