@@ -19,13 +19,15 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import repeat
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import clickhouse_connect
+import numpy as np
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
@@ -49,29 +51,40 @@ class Table:
     name: str
     columns: list[tuple[str, str]]
     order_by: str
-    rows: Callable[[Record], Iterator[Record]]
+    rows: Callable[[Record], Columns]
 
 
-def _same(r: Record) -> Iterator[Record]:
-    yield r
+# A columnizer turns one event into ``(n_rows, columns)``: each column a list of n values,
+# or one value shared by all n rows (a plate's campaign, say). Building columns with one
+# comprehension each, instead of a dict per row, is what lets the sink keep up with plates.
+Columns = tuple[int, dict[str, Any]]
 
 
-def _reading(r: Record) -> Iterator[Record]:
-    yield {**r, "qualifier": _QUAL[r["qualifier"]], "plate_id": None, "well": None}
+def _same(r: Record) -> Columns:
+    return 1, r
 
 
-def _plate(p: Record) -> Iterator[Record]:
-    for w in p["wells"]:
-        yield {"reading_id": w["reading_id"], "campaign_id": p["campaign_id"], "compound_id": w["compound_id"],
-               "assay_id": p["assay_id"], "value": w["value"], "unit": p["unit"], "qualifier": _QUAL[w["qualifier"]],
-               "request_id": w["request_id"], "instrument_id": p["instrument_id"], "plate_id": p["plate_id"],
-               "well": w["well"], "event_time": p["event_time"], "ingest_time": p["ingest_time"]}
+def _reading(r: Record) -> Columns:
+    return 1, {**r, "qualifier": _QUAL[r["qualifier"]], "plate_id": None, "well": None}
 
 
-def _prediction(p: Record) -> Iterator[Record]:
-    for it in p["items"]:
-        yield {"campaign_id": p["campaign_id"], "model_version": p["model_version"], "assay_id": p["assay_id"],
-               "compound_id": it["compound_id"], "mean": it["mean"], "std": it["std"], "event_time": p["event_time"]}
+def _plate(p: Record) -> Columns:
+    wells = p["wells"]
+    return len(wells), {
+        "reading_id": [w["reading_id"] for w in wells], "compound_id": [w["compound_id"] for w in wells],
+        "value": [w["value"] for w in wells], "qualifier": [_QUAL[w["qualifier"]] for w in wells],
+        "request_id": [w["request_id"] for w in wells], "well": [w["well"] for w in wells],
+        "campaign_id": p["campaign_id"], "assay_id": p["assay_id"], "unit": p["unit"],
+        "instrument_id": p["instrument_id"], "plate_id": p["plate_id"], "event_time": p["event_time"],
+        "ingest_time": p["ingest_time"]}
+
+
+def _prediction(p: Record) -> Columns:
+    items = p["items"]
+    return len(items), {
+        "compound_id": [it["compound_id"] for it in items], "mean": [it["mean"] for it in items],
+        "std": [it["std"] for it in items], "campaign_id": p["campaign_id"], "model_version": p["model_version"],
+        "assay_id": p["assay_id"], "event_time": p["event_time"]}
 
 
 TS = "DateTime64(3, 'UTC')"
@@ -111,7 +124,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
 _TABLE_OF_TOPIC = {t.name: TABLES[t.table] for t in TOPICS.values()}
 _SCHEMAS_OF_TOPIC = {t.name: t.schemas for t in TOPICS.values()}
 # Topics whose events become rows differently from their table's default (plates -> one row per well).
-_ROWS_OF_TOPIC: dict[str, Callable[[Record], Iterator[Record]]] = {TOPICS["plates"].name: _plate}
+_ROWS_OF_TOPIC: dict[str, Callable[[Record], Columns]] = {TOPICS["plates"].name: _plate}
 
 
 def connect(dsn: str, database: str | None = None) -> Client:
@@ -152,18 +165,22 @@ class _Batch:
         self.table = table
         self.cluster = cluster
         self.names = [n for n, _ in table.columns] + [n for n, _ in _PROVENANCE]
-        self.columns: list[list[Any]] = [[] for _ in self.names]
+        self.columns: list[_Column] = [_Column() for _ in self.names]
         self.ranges: dict[tuple[str, int], list[int]] = {}
+        self.rows = 0
 
     def add(self, record: Record, topic: str, partition: int, offset: int, timestamp_ms: int = 0) -> int:
-        n = 0
-        for row in _ROWS_OF_TOPIC.get(topic, self.table.rows)(record):
-            for col, name in zip(self.columns, self.names[:-3], strict=False):
-                col.append(row.get(name))
-            self.columns[-3].append(topic)
-            self.columns[-2].append(partition)
-            self.columns[-1].append(offset)
-            n += 1
+        n, values = _ROWS_OF_TOPIC.get(topic, self.table.rows)(record)
+        for col, name in zip(self.columns, self.names[:-3], strict=False):
+            v = values.get(name)
+            if isinstance(v, list):
+                col.extend(v)
+            else:
+                col.run(v, n)
+        self.columns[-3].run(topic, n)
+        self.columns[-2].run(partition, n)
+        self.columns[-1].run(offset, n)
+        self.rows += n
         r = self.ranges.setdefault((topic, partition), [offset, offset, timestamp_ms])
         if offset < r[0]:
             r[0], r[2] = offset, timestamp_ms
@@ -172,7 +189,11 @@ class _Batch:
 
     @property
     def size(self) -> int:
-        return len(self.columns[-1])
+        return self.rows
+
+    def arrow(self) -> pa.Table:
+        types = dict([*self.table.columns, *_PROVENANCE])
+        return pa.table([c.arrow(n, types[n]) for n, c in zip(self.names, self.columns, strict=True)], names=self.names)
 
     def token(self) -> str:
         ranges = ";".join(f"{t}:{p}:{a}-{b}@{ts}" for (t, p), (a, b, ts) in sorted(self.ranges.items()))
@@ -189,6 +210,45 @@ def _arrow_type(typ: str) -> pa.DataType:
     if inner.startswith("DateTime64"):
         return pa.timestamp("ms", tz="UTC")
     return _ARROW[inner]
+
+
+class _Column:
+    """One column's values in arrival order: runs of a repeated value (a plate's campaign,
+    a message's offset) while only runs arrive, per-row values once any list arrives.
+    Runs become Arrow arrays with NumPy and dictionary encoding, not a Python object per row."""
+
+    __slots__ = ("lengths", "runs", "values")
+
+    def __init__(self) -> None:
+        self.runs: list[Any] = []
+        self.lengths: list[int] = []
+        self.values: list[Any] | None = None
+
+    def run(self, v: Any, n: int) -> None:
+        if self.values is not None:
+            self.values.extend(repeat(v, n))
+        else:
+            self.runs.append(v)
+            self.lengths.append(n)
+
+    def extend(self, vs: list[Any]) -> None:
+        if self.values is None:
+            self.values = [v for v, n in zip(self.runs, self.lengths, strict=True) for _ in range(n)]
+        self.values.extend(vs)
+
+    def arrow(self, name: str, typ: str) -> pa.Array:
+        if self.values is not None:
+            return _arrow_column(name, typ, self.values)
+        t = _arrow_type(typ)
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        if any(v is None for v in self.runs) or name in ("raw", "source_key") or pa.types.is_boolean(t):
+            return _arrow_column(name, typ, [v for v, n in zip(self.runs, self.lengths, strict=True) for _ in range(n)])
+        if pa.types.is_string(t):
+            indices = np.repeat(np.arange(len(self.runs), dtype=np.int32), lengths)
+            return pa.DictionaryArray.from_arrays(indices, pa.array(self.runs, pa.string())).cast(pa.string())
+        if pa.types.is_timestamp(t):
+            return pa.array(np.repeat(np.asarray(self.runs, dtype=np.int64), lengths)).cast(t)
+        return pa.array(np.repeat(np.asarray(self.runs), lengths), type=t)
 
 
 def _arrow_column(name: str, typ: str, values: list[Any]) -> pa.Array:
@@ -219,9 +279,11 @@ class ClickHouseSink:
         self.lock = threading.Lock()  # chDB is shared with the HTTP bridge threads
         self.consumer = make_consumer(kafka_config, group_id, session_timeout_s)
         self.batch_rows, self.flush_s = batch_rows, flush_s
+        import pandas  # noqa: F401 - clickhouse-connect imports it lazily on the first insert: pay that at start
         self.rows_inserted: dict[str, int] = defaultdict(int)
         self.skipped = 0
         self.last_flush_at = 0.0  # perf_counter() after the last insert was acknowledged
+        self.assigned_at = 0.0  # perf_counter() when the group gave this sink its partitions
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -240,6 +302,7 @@ class ClickHouseSink:
                 msgs = self.consumer.consume(10_000, 0.2)
                 if not assigned and self.consumer.assignment():
                     assigned, last_msg = True, time.monotonic()  # idle time counts from the join
+                    self.assigned_at = time.perf_counter()
                 for m in msgs:
                     if m.error():
                         log.warning("consumer error: %s", m.error())
@@ -277,9 +340,7 @@ class ClickHouseSink:
         for b in batches.values():
             if not b.size:
                 continue
-            types = dict([*b.table.columns, *_PROVENANCE])
-            table = pa.table([_arrow_column(n, types[n], c) for n, c in zip(b.names, b.columns, strict=True)],
-                             names=b.names)
+            table = b.arrow()
             try:
                 with self.lock:
                     self.client.insert_arrow(b.table.name, table, settings={"insert_deduplication_token": b.token()})

@@ -27,5 +27,25 @@ def test_a_new_broker_or_recreated_topic_gives_a_new_token() -> None:
 
 def test_rows_carry_their_provenance() -> None:
     b = _Batch(TABLES["request_status"], "k")
-    assert b.add(REC, "labloop.request-status", 1, 42, 7) == 1
-    assert b.columns[-3:] == [["labloop.request-status"], [1], [42]]
+    b.add(REC, "labloop.request-status", 1, 42, 7)
+    t = b.arrow()
+    assert t.num_rows == 1
+    assert t.column("_topic").to_pylist() == ["labloop.request-status"]
+    assert (t.column("_partition").to_pylist(), t.column("_offset").to_pylist()) == ([1], [42])
+
+
+def test_plates_and_singles_mix_in_one_readings_batch() -> None:
+    """Runs (a plate's campaign) and per-row lists (its wells) and single readings build the same columns."""
+    b = _Batch(TABLES["readings"], "k")
+    well = {"reading_id": "w", "compound_id": "x", "well": "A01", "value": 1.5, "qualifier": "LT", "request_id": None}
+    plate = {"plate_id": "p1", "campaign_id": "c", "assay_id": "a", "unit": "u", "instrument_id": "i",
+             "event_time": 1000, "ingest_time": 2000, "wells": [well, {**well, "reading_id": "w2", "value": 2.5}]}
+    single = {"reading_id": "s", "campaign_id": "c", "compound_id": "y", "assay_id": "a", "value": 3.5, "unit": "u",
+              "qualifier": "GT", "request_id": "q", "instrument_id": "i", "event_time": 3000, "ingest_time": 4000}
+    b.add(plate, "labloop.plates", 0, 5)
+    b.add(single, "labloop.readings", 0, 9)
+    t = b.arrow().to_pydict()
+    assert t["reading_id"] == ["w", "w2", "s"] and t["value"] == [1.5, 2.5, 3.5]
+    assert t["qualifier"] == ["<", "<", ">"] and t["plate_id"] == ["p1", "p1", None]
+    assert t["campaign_id"] == ["c"] * 3 and t["_offset"] == [5, 5, 9]
+    assert [x.timestamp() for x in t["event_time"]] == [1.0, 1.0, 3.0]
