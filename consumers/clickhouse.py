@@ -106,7 +106,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("requests", [("request_id", S), ("campaign_id", S), ("compound_id", S), ("smiles", S), ("assay_id", LS),
                        ("priority", "Int32"), ("sequence", "Int64"), ("batch", "Int32"), ("policy", LS),
                        ("acquisition_score", "Nullable(Float64)"), ("predicted_mean", "Nullable(Float64)"),
-                       ("predicted_std", "Nullable(Float64)"), ("model_version", "Int64"), ("event_time", TS),
+                       ("predicted_std", "Nullable(Float64)"), ("model_version", "Int64"),
+                       ("trained_on", "Map(String, Int64)"), ("event_time", TS),
                        ("expires_at", TS)], "(campaign_id, sequence)", _same),
     Table("request_status", [("request_id", S), ("campaign_id", S), ("compound_id", S), ("status", LS),
                              ("robot_id", LS), ("reason", "Nullable(String)"), ("event_time", TS)],
@@ -115,6 +116,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
                             ("n_train", "Int64"), ("n_new", "Int64"), ("n_measured", "Int64"), ("n_failed", "Int64"),
                             ("n_pending", "Int64"), ("n_requested", "Int64"), ("pool_size", "Int64"),
                             ("best_value", "Nullable(Float64)"), ("train_s", "Float64"), ("done", "Bool"), ("n_readings", "Int64"),
+                            ("trained_on", "Map(String, Int64)"),
                             ("event_time", TS)], "(campaign_id, model_version, event_time)", _same),
     Table("dead_letters", [("source_topic", LS), ("source_partition", "Int32"), ("source_offset", "Int64"),
                            ("source_key", "Nullable(String)"), ("stage", LS), ("service", LS), ("error_class", LS),
@@ -205,6 +207,8 @@ _ARROW = {"String": pa.string(), "Float64": pa.float64(), "Int32": pa.int32(), "
 
 
 def _arrow_type(typ: str) -> pa.DataType:
+    if typ == "Map(String, Int64)":
+        return pa.map_(pa.string(), pa.int64())
     inner = re.sub(r"^(Nullable|LowCardinality)\((.*)\)$", r"\2", typ)
     inner = re.sub(r"^(Nullable|LowCardinality)\((.*)\)$", r"\2", inner)
     if inner.startswith("DateTime64"):
@@ -241,7 +245,8 @@ class _Column:
             return _arrow_column(name, typ, self.values)
         t = _arrow_type(typ)
         lengths = np.asarray(self.lengths, dtype=np.int64)
-        if any(v is None for v in self.runs) or name in ("raw", "source_key") or pa.types.is_boolean(t):
+        if (any(v is None for v in self.runs) or name in ("raw", "source_key") or pa.types.is_boolean(t)
+                or pa.types.is_map(t)):
             return _arrow_column(name, typ, [v for v, n in zip(self.runs, self.lengths, strict=True) for _ in range(n)])
         if pa.types.is_string(t):
             indices = np.repeat(np.arange(len(self.runs), dtype=np.int32), lengths)

@@ -225,10 +225,9 @@ def _take_main(bootstrap: str, topic: str, n: int, out: str, datadir: str) -> No
 
 def _sink_phase(stack: Stack, codec: Codec, console: Console) -> tuple[float, float, int]:
     """Sink rows/s over everything published so far vs one Arrow insert of the readings."""
-    import pyarrow as pa
 
     from consumers import ClickHouseSink, connect, create_tables
-    from consumers.clickhouse import _PROVENANCE, TABLES, _arrow_column, _Batch
+    from consumers.clickhouse import TABLES, _Batch
 
     with tempfile.TemporaryDirectory() as d:
         client = connect(f"chdb://{d}/chdb", "labloop")
@@ -253,9 +252,7 @@ def _sink_phase(stack: Stack, codec: Codec, console: Console) -> tuple[float, fl
                     idle = time.monotonic()
                     b.add(codec.decode(v).record, TOPICS["plates"].name, int(m.partition() or 0), int(m.offset() or 0))
         c.close()
-        types = dict([*table.columns, *_PROVENANCE])
-        arrow = pa.table([_arrow_column(n, types[n], col) for n, col in zip(b.names, b.columns, strict=True)],
-                         names=b.names)
+        arrow = b.arrow()
         client.command("CREATE TABLE readings_raw AS readings")
         t0 = time.perf_counter()
         client.insert_arrow("readings_raw", arrow)

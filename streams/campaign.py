@@ -50,6 +50,7 @@ class Update:
     keys: np.ndarray
     X_pool: np.ndarray
     n_readings: int
+    offsets: dict[str, int]
 
 
 @dataclass
@@ -79,6 +80,9 @@ class CampaignRuntime:
     n_requested: int = 0
     n_batches: int = 0
     n_readings: int = 0  # distinct readings applied, all assays
+    # "topic:partition" -> next offset processed: the audit trail of what each model learned from
+    applied_offsets: dict[str, int] = field(default_factory=dict)
+    model_offsets: dict[int, dict[str, int]] = field(default_factory=dict)
     done_announced: bool = False
     _staged: list[np.ndarray] = field(default_factory=list)
 
@@ -225,14 +229,21 @@ class CampaignRuntime:
         work = self.pool.take_new()
         if work is None:
             return None
-        return Update(work[0], work[1], work[2], work[3], self.n_readings)
+        return Update(work[0], work[1], work[2], work[3], self.n_readings, dict(self.applied_offsets))
 
     def commit_update(self, update: Update, pred: tuple[np.ndarray, np.ndarray], train_s: float,
                       device: str) -> list[Emit]:
         """Install a finished fit and describe it (ModelUpdate + Predictions)."""
         assert self.pool is not None
         self.pool.commit(pred)
+        self.model_offsets[self.pool.model_version] = update.offsets
         return self.model_events(train_s, int(update.X_new.shape[0]), device, n_readings=update.n_readings)
+
+    def processed(self, topic: str, partition: int, offset: int) -> None:
+        """Record that a reading-carrying message was processed (in partition order)."""
+        key = f"{topic}:{partition}"
+        if offset + 1 > self.applied_offsets.get(key, 0):
+            self.applied_offsets[key] = offset + 1
 
     def requests_now(self, device: str) -> list[Emit]:
         """Requests the campaign wants now, or its final report once the budget is spent."""
@@ -272,7 +283,7 @@ class CampaignRuntime:
             "device": device, "n_train": pool.learner.n_seen, "n_new": n_new, "n_measured": int(measured.size),
             "n_failed": pool.count(FAILED), "n_pending": pool.count(PENDING), "n_requested": self.n_requested,
             "pool_size": pool.size, "best_value": best, "train_s": train_s, "done": done,
-            "n_readings": n_readings, "event_time": t})]
+            "n_readings": n_readings, "trained_on": self.model_offsets.get(pool.model_version, {}), "event_time": t})]
         if predictions and pool.learner.n_seen:
             mean, std = pool.predict_pool()
             for s in range(0, pool.size, PREDICTION_CHUNK):
@@ -304,7 +315,8 @@ class CampaignRuntime:
                 "batch": self.n_batches, "policy": d["policy"] if prop.model_version else "random",
                 "acquisition_score": _opt(prop.score[prio]), "predicted_mean": _opt(prop.mean[prio]),
                 "predicted_std": _opt(prop.std[prio]),
-                "model_version": prop.model_version, "event_time": t, "expires_at": expires}))
+                "model_version": prop.model_version, "trained_on": self.model_offsets.get(prop.model_version, {}),
+                "event_time": t, "expires_at": expires}))
         if out:
             self.n_batches += 1
         return out

@@ -170,7 +170,9 @@ class LabloopWorker:
         async for ev, r in self.decoded(events, ("AssayReading",)):
             cid = r["campaign_id"]
             async with self.locks[cid]:
-                errors = self.campaign(cid).apply_readings(r["assay_id"], r["unit"], [r])
+                rt = self.campaign(cid)
+                errors = rt.apply_readings(r["assay_id"], r["unit"], [r])
+                rt.processed(ev.message.topic, ev.message.partition, ev.message.offset)
             for exc in errors:
                 await self.dead_letter(ev, "validate", exc)
             touched.add(cid)
@@ -183,7 +185,9 @@ class LabloopWorker:
         async for ev, plate in self.decoded(events, ("PlateReadout",)):
             cid = plate["campaign_id"]
             async with self.locks[cid]:
-                errors = self.campaign(cid).apply_readings(plate["assay_id"], plate["unit"], plate["wells"])
+                rt = self.campaign(cid)
+                errors = rt.apply_readings(plate["assay_id"], plate["unit"], plate["wells"])
+                rt.processed(ev.message.topic, ev.message.partition, ev.message.offset)
             for exc in errors:
                 await self.dead_letter(ev, "validate", exc)
             touched.add(cid)

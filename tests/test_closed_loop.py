@@ -192,3 +192,20 @@ def test_create_tables_adds_columns_of_newer_schemas(tmp_path: Path) -> None:
     assert {"n_readings", "done", "_offset"} <= cols
     assert client.query("SELECT campaign_id, n_readings FROM model_updates").result_rows == [("c", 0)]
     client.close()
+
+
+def test_requests_record_what_their_model_had_seen(loop: dict[str, Any], ch: Any) -> None:
+    """The audit trail: a request's trained_on watermarks select exactly the readings its model learned from."""
+    reqs = ch.query(f"SELECT batch, model_version, trained_on FROM requests WHERE campaign_id='{CID}' "
+                    f"ORDER BY sequence").result_rows
+    assert all(tv == {} and mv == 0 for b, mv, tv in reqs if b == 0)
+    completed = dict(ch.query(f"SELECT q.batch, count() FROM request_status s JOIN requests q USING (request_id) "
+                              f"WHERE s.campaign_id='{CID}' AND s.status='COMPLETED' GROUP BY q.batch").result_rows)
+    plates = TOPICS["plates"].name
+    for batch in range(1, BUDGET // BATCH):
+        _, mv, trained_on = next(r for r in reqs if r[0] == batch)
+        assert mv >= batch
+        seen = sum(ch.query(f"SELECT count() FROM readings WHERE campaign_id='{CID}' AND _topic='{plates}' "
+                            f"AND _partition={key.rsplit(':', 1)[1]} AND _offset < {wm}").result_rows[0][0]
+                   for key, wm in trained_on.items() if key.startswith(plates + ":"))
+        assert seen == sum(n for b, n in completed.items() if b < batch)
