@@ -301,6 +301,82 @@ def demo(
     run_demo(s, report=report, plot=plot, seed=seed, timeout_s=timeout_s, progress=progress, console=console)
 
 
+dlq_app = typer.Typer(help="Inspect and replay dead letters.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(topic: Annotated[str | None, typer.Option(help="source topic")] = None,
+             error_class: Annotated[str | None, typer.Option(help="e.g. InvalidMolecule")] = None,
+             limit: int = 50) -> None:
+    """Newest dead letters with where they came from and why."""
+    from streams.ops import dead_letters
+    from streams.sql import analyst_client
+
+    names, rows = dead_letters(analyst_client(_settings()), topic, error_class, limit)
+    t = Table(*names, title=f"dead letters ({len(rows)} shown)")
+    for r in rows:
+        t.add_row(*(str(v) for v in r))
+    console.print(t)
+
+
+@dlq_app.command("show")
+def dlq_show(source: Annotated[str, typer.Argument(help="topic:partition:offset, as `dlq list` prints it")]) -> None:
+    """One dead letter: its errors, its key and its bytes, decoded when they decode."""
+    from streams.ops import DeadLetterRef, show
+    from streams.sql import analyst_client
+
+    s = _settings()
+    print(json.dumps(show(analyst_client(s), _codec(s), DeadLetterRef.parse(source)), indent=1, default=str))
+
+
+@dlq_app.command("replay")
+def dlq_replay(sources: Annotated[list[str] | None, typer.Argument(help="topic:partition:offset ...")] = None,
+               topic: Annotated[str | None, typer.Option(help="every dead letter from this topic")] = None,
+               error_class: Annotated[str | None, typer.Option(help="every dead letter of this class")] = None,
+               dry_run: Annotated[bool, typer.Option(help="list what would be replayed")] = False) -> None:
+    """Re-publish dead letters' original bytes to their source topics (after a fix)."""
+    from consumers.kafka import make_producer
+    from streams.ops import DeadLetterRef, replay
+    from streams.sql import analyst_client
+
+    s = _settings()
+    refs = [DeadLetterRef.parse(x) for x in sources or []]
+    if not (refs or topic or error_class):
+        raise typer.BadParameter("name dead letters (topic:partition:offset) or filter with --topic / --error-class")
+    done = replay(analyst_client(s), make_producer(_kafka(s)), topic, error_class, refs, dry_run)
+    for r in done:
+        console.print(f"{'would replay' if dry_run else 'replayed'} {r.topic}:{r.partition}:{r.offset}")
+    console.print(f"{len(done)} message(s) {'to replay' if dry_run else 'replayed'}")
+
+
+@app.command()
+def explain(request_id: Annotated[str, typer.Argument(help="the request's id")]) -> None:
+    """Why a compound was requested: model version, prediction, uncertainty, policy, training readings."""
+    from streams.ops import explain as explain_request
+    from streams.sql import analyst_client
+
+    e = explain_request(analyst_client(_settings()), request_id)
+    r, c, m, tr = e["request"], e["campaign"], e["model"], e["training_readings"]
+    console.print(f"[bold]{r['request_id']}[/]: {r['compound_id']} {r['smiles']}")
+    console.print(f"  campaign {r['campaign_id']}: {c.get('direction', '?').lower()} {c.get('objective_assay_id', '?')} "
+                  f"({c.get('unit', '?')}), batch {r['batch']}, priority {r['priority']}, sequence {r['sequence']}")
+    if r["model_version"] == 0:
+        console.print("  chosen at random: the model had no data yet (the campaign's random start)")
+    else:
+        console.print(f"  policy {r['policy']}: acquisition score {r['acquisition_score']:.4g}; predicted "
+                      f"{r['predicted_mean']:.4g} ± {r['predicted_std']:.3g}")
+        console.print(f"  model v{r['model_version']}: {m.get('learner', '?')} on {m.get('device', '?')}, "
+                      f"{m.get('n_train', '?')} observations, fitted in {m.get('train_s', 0):.2f}s")
+    console.print(f"  it had learned from {tr['readings']} readings of {tr['compounds']} compounds "
+                  f"(offsets below {tr['watermarks'] or 'none'}); best of them:")
+    for cpd, value, rid in tr["best"]:
+        console.print(f"    {cpd}  {value:.4g}  ({rid})")
+    out = e["outcome"]
+    console.print(f"  outcome: {', '.join(s for s, _ in out['statuses']) or 'no status yet'}"
+                  + "".join(f"; measured {v:.4g} {u} ({rid})" for v, u, rid in out["readings"]))
+
+
 bench_app = typer.Typer(help="Benchmarks that print ratios measured side by side in one run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
