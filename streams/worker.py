@@ -166,17 +166,19 @@ class LabloopWorker:
             self.tick(cid)
 
     async def on_readings(self, events: list[Any]) -> None:
-        touched: set[str] = set()
+        """Single readings: decoded together, applied under one lock per campaign per micro-batch."""
+        by_campaign: dict[str, list[tuple[Any, Record]]] = defaultdict(list)
         async for ev, r in self.decoded(events, ("AssayReading",)):
-            cid = r["campaign_id"]
+            by_campaign[r["campaign_id"]].append((ev, r))
+        for cid, items in by_campaign.items():
+            rejected: list[tuple[Any, LabloopError]] = []
             async with self.locks[cid]:
                 rt = self.campaign(cid)
-                errors = rt.apply_readings(r["assay_id"], r["unit"], [r])
-                rt.processed(ev.message.topic, ev.message.partition, ev.message.offset)
-            for exc in errors:
+                for ev, r in items:
+                    rejected += [(ev, exc) for exc in rt.apply_readings(r["assay_id"], r["unit"], [r])]
+                    rt.processed(ev.message.topic, ev.message.partition, ev.message.offset)
+            for ev, exc in rejected:
                 await self.dead_letter(ev, "validate", exc)
-            touched.add(cid)
-        for cid in touched:
             self.tick(cid)
 
     async def on_plates(self, events: list[Any]) -> None:
