@@ -227,7 +227,7 @@ def robot(
     oracle: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="CSV of SMILES -> value (virtual lab)")],
     smiles_col: str = "smiles",
     value_col: str = "value",
-    unit: str = "",
+    unit: Annotated[str, typer.Option(help="unit of the oracle's values; must match the campaign's")] = ...,  # type: ignore[assignment]
     robot_id: str = "robot-1",
     latency_s: Annotated[float, typer.Option(help="seconds per batch")] = 0.0,
     noise_sd: float = 0.0,
