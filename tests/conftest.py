@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,17 @@ def ch(stack: Stack):  # type: ignore[no-untyped-def]
     from consumers import connect
 
     return connect(f"{stack.clickhouse_url}/{stack.settings.clickhouse_database}")
+
+
+@pytest.fixture(scope="session")
+def cli(stack: Stack) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run ``labloop ARGS...`` as a user would, pointed at the session's stack."""
+    env = {**os.environ, "LABLOOP_KAFKA_BOOTSTRAP": stack.bootstrap,
+           "LABLOOP_CLICKHOUSE_HTTP_PORT": str(stack.settings.clickhouse_http_port),
+           "LABLOOP_DATA_DIR": str(stack.settings.data_dir), "COLUMNS": "250"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    return run

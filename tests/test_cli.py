@@ -10,21 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streams.runtime import Stack
 
-
-def labloop(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LABLOOP_KAFKA_BOOTSTRAP": stack.bootstrap,
-           "LABLOOP_CLICKHOUSE_HTTP_PORT": str(stack.settings.clickhouse_http_port),
-           "LABLOOP_DATA_DIR": str(stack.settings.data_dir), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_publish_compounds_reports_malformed_rows_and_publishes_the_rest(stack: Stack, ch: Any, tmp_path: Path) -> None:
+def test_publish_compounds_reports_malformed_rows_and_publishes_the_rest(cli: Any, ch: Any, tmp_path: Path) -> None:
     f = tmp_path / "lims.csv"
     f.write_text("id,structure\nA1,CCO\nA2,\n,CCN\nA4,c1ccccc1\n")
-    out = labloop(stack, "publish", "compounds", str(f), "--campaign", "cli-c", "--smiles-col", "structure",
+    out = cli("publish", "compounds", str(f), "--campaign", "cli-c", "--smiles-col", "structure",
                   "--id-col", "id")
     assert out.returncode == 0, out.stderr
     assert "row 3: empty 'structure'" in out.stderr and "row 4: empty 'id'" in out.stderr
@@ -38,14 +28,14 @@ def test_publish_compounds_reports_malformed_rows_and_publishes_the_rest(stack: 
     assert rows == [("A1",), ("A4",)]
 
 
-def test_publish_readings_with_qualifiers_and_missing_column(stack: Stack, ch: Any, tmp_path: Path) -> None:
+def test_publish_readings_with_qualifiers_and_missing_column(cli: Any, ch: Any, tmp_path: Path) -> None:
     f = tmp_path / "plate.csv"
     f.write_text("compound_id,ic50\nA1,<0.5\nA4,12.5\nA5,n/a\n")
-    out = labloop(stack, "publish", "readings", str(f), "--campaign", "cli-c", "--assay", "ic50", "--unit", "uM",
+    out = cli("publish", "readings", str(f), "--campaign", "cli-c", "--assay", "ic50", "--unit", "uM",
                   "--value-col", "ic50")
     assert out.returncode == 0, out.stderr
     assert "row 4: value 'n/a' is not a number" in out.stderr
-    again = labloop(stack, "publish", "readings", str(f), "--campaign", "cli-c", "--assay", "ic50", "--unit", "uM",
+    again = cli("publish", "readings", str(f), "--campaign", "cli-c", "--assay", "ic50", "--unit", "uM",
                     "--value-col", "ic50")
     assert again.returncode == 0
     deadline = time.monotonic() + 30
@@ -60,22 +50,22 @@ def test_publish_readings_with_qualifiers_and_missing_column(stack: Stack, ch: A
     ids = ch.query("SELECT uniqExact(reading_id), count() FROM readings WHERE campaign_id='cli-c'").result_rows[0]
     assert ids == (2, 4)
 
-    bad = labloop(stack, "publish", "readings", str(f), "--campaign", "cli-c", "--assay", "a", "--unit", "u")
+    bad = cli("publish", "readings", str(f), "--campaign", "cli-c", "--assay", "a", "--unit", "u")
     assert bad.returncode != 0
     assert "missing column(s) ['value']" in bad.stderr
 
 
-def test_sql_formats_through_the_http_bridge(stack: Stack, ch: Any) -> None:
-    out = labloop(stack, "sql", "SELECT number AS n, toString(number * 2) AS s FROM system.numbers LIMIT 3",
+def test_sql_formats_through_the_http_bridge(cli: Any) -> None:
+    out = cli("sql", "SELECT number AS n, toString(number * 2) AS s FROM system.numbers LIMIT 3",
                   "--format", "json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [{"n": 0, "s": "0"}, {"n": 1, "s": "2"}, {"n": 2, "s": "4"}]
-    csv_out = labloop(stack, "sql", "SELECT 1 AS a, 'x' AS b", "--format", "csv")
+    csv_out = cli("sql", "SELECT 1 AS a, 'x' AS b", "--format", "csv")
     assert csv_out.stdout.splitlines() == ["a,b", "1,x"]
-    table = labloop(stack, "sql", "SHOW TABLES")
+    table = cli("sql", "SHOW TABLES")
     for name in ("readings", "requests", "predictions", "dead_letters"):
         assert name in table.stdout
-    err = labloop(stack, "sql", "SELECT no_such_column FROM readings")
+    err = cli("sql", "SELECT no_such_column FROM readings")
     assert err.returncode == 2 and "UNKNOWN_IDENTIFIER" in err.stderr
 
 

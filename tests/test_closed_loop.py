@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -215,40 +212,32 @@ def test_requests_record_what_their_model_had_seen(loop: dict[str, Any], ch: Any
         assert seen == sum(n for b, n in completed.items() if b < batch)
 
 
-def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LABLOOP_KAFKA_BOOTSTRAP": stack.bootstrap,
-           "LABLOOP_CLICKHOUSE_HTTP_PORT": str(stack.settings.clickhouse_http_port),
-           "LABLOOP_DATA_DIR": str(stack.settings.data_dir), "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_explain_a_request(loop: dict[str, Any], stack: Stack, ch: Any) -> None:
+def test_explain_a_request(loop: dict[str, Any], cli: Any, ch: Any) -> None:
     first, later = (ch.query(f"SELECT request_id FROM requests WHERE campaign_id='{CID}' AND batch={b} "
                              f"ORDER BY priority LIMIT 1").result_rows[0][0] for b in (0, 2))
-    out = _cli(stack, "explain", first)
+    out = cli("explain", first)
     assert out.returncode == 0, out.stderr
     assert "chosen at random" in out.stdout
-    out = _cli(stack, "explain", later)
+    out = cli("explain", later)
     assert out.returncode == 0, out.stderr
     assert "policy ucb" in out.stdout and "model v" in out.stdout and "gp on cpu" in out.stdout
     answered = ch.query(f"SELECT count() FROM request_status s JOIN requests q USING (request_id) WHERE "
                         f"s.campaign_id='{CID}' AND s.status='COMPLETED' AND q.batch < 2").result_rows[0][0]
     assert f"learned from {answered} readings" in out.stdout, out.stdout  # the batches answered before it
     assert "outcome: ACCEPTED" in out.stdout
-    missing = _cli(stack, "explain", "no-such-request")
+    missing = cli("explain", "no-such-request")
     assert missing.returncode == 2 and "no request 'no-such-request'" in missing.stderr
 
 
-def test_dead_letters_can_be_listed_shown_and_replayed_after_a_fix(loop: dict[str, Any], stack: Stack, codec: Codec,
-                                                                    ch: Any) -> None:
-    listing = _cli(stack, "dlq", "list", "--topic", TOPICS["readings"].name)
+def test_dead_letters_can_be_listed_shown_and_replayed_after_a_fix(loop: dict[str, Any], stack: Stack, cli: Any,
+                                                                    codec: Codec, ch: Any) -> None:
+    listing = cli("dlq", "list", "--topic", TOPICS["readings"].name)
     assert listing.returncode == 0, listing.stderr
     assert "InvalidEvent" in listing.stdout and "UnknownFraming" in listing.stdout
     unknown = next(f"{t}:{p}:{o}" for t, p, o in loop["poison"]
                    if "p-unknown" in ch.query(f"SELECT error_message FROM dead_letters WHERE source_topic='{t}' "
                                               f"AND source_partition={p} AND source_offset={o}").result_rows[0][0])
-    shown = json.loads(_cli(stack, "dlq", "show", unknown).stdout)
+    shown = json.loads(cli("dlq", "show", unknown).stdout)
     assert shown["decoded"]["record"]["reading_id"] == "p-unknown"
     assert shown["errors"][0]["error_class"] == "InvalidEvent" and shown["key"] == CID
 
@@ -263,11 +252,11 @@ def test_dead_letters_can_be_listed_shown_and_replayed_after_a_fix(loop: dict[st
     while not mon.assignment():
         mon.poll(0.1)
     before = loop["final"]["n_readings"]
-    dry = _cli(stack, "dlq", "replay", unknown, "--dry-run")
+    dry = cli("dlq", "replay", unknown, "--dry-run")
     assert f"would replay {unknown}" in dry.stdout
     applied = None
     for _ in range(4):  # the worker may still be featurizing the new compound: then replay again (idempotent)
-        out = _cli(stack, "dlq", "replay", unknown)
+        out = cli("dlq", "replay", unknown)
         assert out.returncode == 0 and "1 message(s) replayed" in out.stdout, out.stderr
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and applied is None:
