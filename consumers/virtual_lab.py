@@ -97,6 +97,8 @@ class VirtualLab:
             return
         for r in requests:
             self.robot.report(r, "ACCEPTED")
+        for r in requests:
+            self.robot.report(r, "STARTED")
         if self.config.latency_s:
             time.sleep(self.config.latency_s)
         groups: dict[tuple[str, str], list[Measurement]] = defaultdict(list)

@@ -77,7 +77,8 @@ class CampaignRuntime:
     index: dict[str, int] = field(default_factory=dict)
     requests: dict[str, _Request] = field(default_factory=dict)
     seen_readings: set[str] = field(default_factory=set)
-    n_requested: int = 0
+    n_requested: int = 0  # requests that count against the budget (an expired one gives its place back)
+    n_issued: int = 0  # every request ever made: the sequence behind request ids, never reused
     n_batches: int = 0
     n_readings: int = 0  # distinct readings applied, all assays
     # "topic:partition" -> next offset processed: the audit trail of what each model learned from
@@ -214,9 +215,9 @@ class CampaignRuntime:
         if d["schedule"] == "ROUNDS":
             if self.pending:
                 return 0
-            k = d["init_size"] if self.n_requested == 0 else d["batch_size"]
+            k = d["init_size"] if self.n_batches == 0 else d["batch_size"]
         else:
-            k = (d["init_size"] if self.n_requested == 0 else d["batch_size"]) - self.pending
+            k = (d["init_size"] if self.n_batches == 0 else d["batch_size"]) - self.pending
         return max(0, min(k, left))
 
     def has_new_data(self) -> bool:
@@ -303,11 +304,12 @@ class CampaignRuntime:
         prop = self.pool.propose(k)
         out = []
         for prio, i in enumerate(prop.index.tolist()):
-            seq = self.n_requested
+            seq = self.n_issued
             rid = f"{self.campaign_id}-r{seq:07d}"
             expires = t + int(d["request_ttl_s"] * 1000)
             self.requests[rid] = _Request(i, seq, expires)
             self.n_requested += 1
+            self.n_issued += 1
 
             out.append(Emit("requests", "ExperimentRequest", {
                 "request_id": rid, "campaign_id": self.campaign_id, "compound_id": self.compound_ids[i],

@@ -224,7 +224,7 @@ def test_explain_a_request(loop: dict[str, Any], cli: Any, ch: Any) -> None:
     answered = ch.query(f"SELECT count() FROM request_status s JOIN requests q USING (request_id) WHERE "
                         f"s.campaign_id='{CID}' AND s.status='COMPLETED' AND q.batch < 2").result_rows[0][0]
     assert f"learned from {answered} readings" in out.stdout, out.stdout  # the batches answered before it
-    assert "outcome: ACCEPTED" in out.stdout
+    assert "outcome: ACCEPTED, STARTED, COMPLETED" in out.stdout
     missing = cli("explain", "no-such-request")
     assert missing.returncode == 2 and "no request 'no-such-request'" in missing.stderr
 
@@ -268,3 +268,27 @@ def test_dead_letters_can_be_listed_shown_and_replayed_after_a_fix(loop: dict[st
             break
     mon.close()
     assert applied is not None and applied["n_readings"] == before + 1
+
+
+def test_unanswered_requests_expire_and_are_requeued(stack: Stack, codec: Codec, ch: Any) -> None:
+    """No robot answers: requests expire after request_ttl_s, the compounds return to the pool, budget is kept."""
+    cid = "expiry-it"
+    producer = make_producer(stack.kafka_config)
+    publish_records(producer, codec, "campaigns", "Campaign", iter([{
+        "campaign_id": cid, "objective_assay_id": "tpsa", "direction": "MAXIMIZE", "unit": "A^2", "batch_size": 3,
+        "init_size": 3, "budget": 6, "min_pool_size": 20, "policy": "ucb", "learner": "gp", "schedule": "ROUNDS",
+        "request_ttl_s": 1.0, "seed": 0, "event_time": 0}]))
+    rows = [r for r in compound_rows(DATA, cid) if not isinstance(r, Exception)][:20]
+    publish_records(producer, codec, "compounds", "CompoundRegistered", iter(rows))
+    producer.close()
+    expired = _settle(ch, f"SELECT count() FROM request_status WHERE campaign_id='{cid}' AND status='EXPIRED'", 3, 60)
+    assert expired >= 3
+    assert _settle(ch, f"SELECT count() FROM requests WHERE campaign_id='{cid}'", 6, 30) >= 6  # re-issued
+    n, ids = ch.query(f"SELECT count(), uniqExact(request_id) FROM requests WHERE campaign_id='{cid}'").result_rows[0]
+    assert n == ids  # a re-issued request has a new id: robots act once per request_id
+    reasons = ch.query(f"SELECT DISTINCT robot_id, reason FROM request_status WHERE campaign_id='{cid}' "
+                       f"AND status='EXPIRED'").result_rows
+    assert reasons == [("labloop-worker", "request_ttl_s elapsed")]
+    # an expired request gives its budget back: never more than `budget` requests in flight at once
+    inflight = ch.query(f"SELECT max(n_pending) FROM model_updates WHERE campaign_id='{cid}'").result_rows[0][0]
+    assert inflight is None or inflight <= 3
