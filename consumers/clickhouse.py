@@ -15,6 +15,7 @@ answers ClickHouse's HTTP interface on loopback (:class:`HttpBridge`) so that
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -41,7 +42,8 @@ __all__ = ["ClickHouseSink", "HttpBridge", "TABLES", "connect", "create_tables"]
 
 log = logging.getLogger("labloop.sink")
 _QUAL = {"EQ": "=", "LT": "<", "GT": ">"}
-_PROVENANCE = [("_topic", "LowCardinality(String)"), ("_partition", "UInt16"), ("_offset", "UInt64")]
+_PROVENANCE = [("_cluster", "LowCardinality(String)"), ("_topic", "LowCardinality(String)"), ("_partition", "UInt16"),
+               ("_offset", "UInt64")]
 
 
 @dataclass(frozen=True)
@@ -173,12 +175,13 @@ class _Batch:
 
     def add(self, record: Record, topic: str, partition: int, offset: int, timestamp_ms: int = 0) -> int:
         n, values = _ROWS_OF_TOPIC.get(topic, self.table.rows)(record)
-        for col, name in zip(self.columns, self.names[:-3], strict=False):
+        for col, name in zip(self.columns, self.names[:-4], strict=False):
             v = values.get(name)
             if isinstance(v, list):
                 col.extend(v)
             else:
                 col.run(v, n)
+        self.columns[-4].run(self.cluster, n)
         self.columns[-3].run(topic, n)
         self.columns[-2].run(partition, n)
         self.columns[-1].run(offset, n)
@@ -278,7 +281,8 @@ class ClickHouseSink:
     """
 
     def __init__(self, client: Client, kafka_config: dict[str, str], codec: Codec, group_id: str = "labloop-sink",
-                 batch_rows: int = 50_000, flush_s: float = 0.5, session_timeout_s: float = 6.0) -> None:
+                 batch_rows: int = 50_000, flush_s: float = 0.5, session_timeout_s: float = 6.0,
+                 exactly_once: bool = True, crash_after_inserts: int = 0) -> None:
         self.client = client
         self.codec = codec
         self.lock = threading.Lock()  # chDB is shared with the HTTP bridge threads
@@ -287,6 +291,12 @@ class ClickHouseSink:
         import pandas  # noqa: F401 - clickhouse-connect imports it lazily on the first insert: pay that at start
         self.rows_inserted: dict[str, int] = defaultdict(int)
         self.skipped = 0
+        self.already_stored = 0  # messages re-read after a restart whose rows were already in ClickHouse
+        self.exactly_once = exactly_once
+        self.crash_after_inserts = crash_after_inserts  # fault injection: exit between an insert and its commit
+        self._inserts = 0
+        self._cluster = ""
+        self._stored: dict[tuple[str, str, int], int] = {}  # (table, topic, partition) -> last offset stored
         self.last_flush_at = 0.0  # perf_counter() after the last insert was acknowledged
         self.assigned_at = 0.0  # perf_counter() when the group gave this sink its partitions
         self._stop = threading.Event()
@@ -296,8 +306,8 @@ class ClickHouseSink:
 
     def run(self, idle_exit_s: float | None = None) -> None:
         """Consume until :meth:`stop` (or ``idle_exit_s`` without messages)."""
-        self.consumer.subscribe([t.name for t in TOPICS.values()])
-        cluster = self.consumer.list_topics(timeout=30).cluster_id or ""
+        cluster = self._cluster = self.consumer.list_topics(timeout=30).cluster_id or ""
+        self.consumer.subscribe([t.name for t in TOPICS.values()], on_assign=self._on_assign)
         batches: dict[str, _Batch] = {}
         offsets: dict[tuple[str, int], int] = {}
         last_flush = last_msg = time.monotonic()
@@ -317,6 +327,9 @@ class ClickHouseSink:
                     offsets[(topic, part)] = off + 1
                     table = _TABLE_OF_TOPIC.get(topic)
                     if table is None:
+                        continue
+                    if self.exactly_once and off <= self._stored.get((table.name, topic, part), -1):
+                        self.already_stored += 1  # inserted before a crash, its offset not yet committed
                         continue
                     try:
                         rec = self.codec.decode(m.value() or b"", expect=_SCHEMAS_OF_TOPIC[topic]).record
@@ -339,6 +352,25 @@ class ClickHouseSink:
         finally:
             self.consumer.close()
 
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        """Before reading newly assigned partitions: what of them is already in ClickHouse?
+
+        Each insert holds a contiguous offset range per topic-partition and lands whole, so
+        the largest ``_offset`` stored per table, topic and partition (of this cluster) is
+        exactly where a restarted or rebalanced sink must resume inserting: offsets are
+        committed only after the insert, and a crash in between re-reads rows already stored.
+        """
+        log.debug("assigned %d partition(s); loading what is already stored", len(partitions))
+        if self.exactly_once:
+            with self.lock:
+                for t in TABLES.values():
+                    rows = self.client.query(f"SELECT _topic, _partition, max(_offset) FROM {t.name} "
+                                             f"WHERE _cluster = {{c:String}} GROUP BY _topic, _partition",
+                                             parameters={"c": self._cluster}).result_rows
+                    for topic, part, off in rows:
+                        self._stored[(t.name, topic, int(part))] = int(off)
+        consumer.assign(partitions)  # a callback that does not assign leaves the consumer with nothing
+
     def _flush(self, batches: dict[str, _Batch], offsets: dict[tuple[str, int], int]) -> None:
         from confluent_kafka import TopicPartition
 
@@ -346,12 +378,20 @@ class ClickHouseSink:
             if not b.size:
                 continue
             table = b.arrow()
+            # The control mode turns ClickHouse's own block deduplication off too, so that a fault test
+            # without exactly-once really can see the duplicates it is meant to detect.
+            settings: dict[str, Any] = ({"insert_deduplication_token": b.token()} if self.exactly_once
+                                        else {"insert_deduplicate": 0})
             try:
                 with self.lock:
-                    self.client.insert_arrow(b.table.name, table, settings={"insert_deduplication_token": b.token()})
+                    self.client.insert_arrow(b.table.name, table, settings=settings)
             except ClickHouseError as exc:
                 raise SinkError(f"insert into {b.table.name} failed: {exc}") from exc
             self.rows_inserted[b.table.name] += b.size
+            self._inserts += 1
+            if self.crash_after_inserts and self._inserts >= self.crash_after_inserts:
+                log.error("fault injection: exiting after insert %d, before committing its offsets", self._inserts)
+                os._exit(17)
         self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
         self.last_flush_at = time.perf_counter()
 

@@ -101,7 +101,8 @@ def sink() -> None:
     client = connect(s.clickhouse_target, s.clickhouse_database)
     create_tables(client)
     snk = ClickHouseSink(client, _kafka(s), _codec(s), batch_rows=s.sink_batch_rows, flush_s=s.sink_flush_s,
-                         session_timeout_s=s.kafka_session_timeout_s)
+                         session_timeout_s=s.kafka_session_timeout_s, exactly_once=s.sink_exactly_once,
+                         crash_after_inserts=s.sink_crash_after_inserts)
     bridge = HttpBridge(client, snk.lock, s.clickhouse_http_port, s.clickhouse_database).start() \
         if s.embedded_clickhouse else None
     signal.signal(signal.SIGTERM, lambda *_: snk.stop())

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     worker_batch_window_s: float = Field(0.05, description="max wait to fill a micro-batch (a backlog fills it at once)")
     sink_batch_rows: int = 50_000
     sink_flush_s: float = 0.5
+    sink_exactly_once: bool = Field(True, description="skip rows already stored after a crash; dedup tokens (off only for fault-test controls)")
+    sink_crash_after_inserts: int = Field(0, description="fault injection for tests: exit after this many inserts, before the commit")
     log_level: Literal["debug", "info", "warn", "error"] = "warn"
 
     @property

@@ -31,6 +31,7 @@ def test_rows_carry_their_provenance() -> None:
     t = b.arrow()
     assert t.num_rows == 1
     assert t.column("_topic").to_pylist() == ["labloop.request-status"]
+    assert t.column("_cluster").to_pylist() == ["k"]
     assert (t.column("_partition").to_pylist(), t.column("_offset").to_pylist()) == ([1], [42])
 
 
