@@ -93,4 +93,4 @@ def test_negative_control_without_exactly_once_sees_duplicates(backlog: tuple[Em
     broker, want = backlog
     n, distinct = _crash_then_recover(broker, tmp_path, want, sink_exactly_once="false")
     total = want + MORE * PLATE
-    assert distinct == total and n == total + want  # the batch inserted before the crash was stored again
+    assert distinct == total and n > total  # what was inserted before the crash was stored again
