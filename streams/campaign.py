@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -220,9 +219,6 @@ class CampaignRuntime:
             k = (d["init_size"] if self.n_batches == 0 else d["batch_size"]) - self.pending
         return max(0, min(k, left))
 
-    def has_new_data(self) -> bool:
-        return self.pool is not None and self.pool.has_new
-
     def take_update(self) -> Update | None:
         """Snapshot what the next model update needs (call with the campaign's lock held)."""
         if self.pool is None:
@@ -256,13 +252,6 @@ class CampaignRuntime:
         if not self.done_announced and self.definition["budget"] <= self.n_requested and self.pending == 0:
             return self.model_events(0.0, 0, device, predictions=False, n_readings=self.n_readings)
         return []
-
-    def retrain(self) -> tuple[float, bool]:
-        """Update the model and score the pool in one call (offline use and tests)."""
-        assert self.pool is not None
-        t0 = time.perf_counter()
-        learned = self.pool.retrain()
-        return time.perf_counter() - t0, learned
 
     def model_events(self, train_s: float, n_new: int, device: str, predictions: bool = True,
                      n_readings: int = 0) -> list[Emit]:
@@ -322,8 +311,3 @@ class CampaignRuntime:
         if out:
             self.n_batches += 1
         return out
-
-    def summary(self) -> dict[str, Any]:
-        pool = self.pool
-        return {"campaign_id": self.campaign_id, "pool": 0 if pool is None else pool.size,
-                "requested": self.n_requested, "pending": self.pending}
