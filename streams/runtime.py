@@ -25,7 +25,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from schemas import TOPICS, LabloopError, TopicSpec
 from streams.settings import Settings
 
-__all__ = ["EmbeddedBroker", "RuntimeFailure", "Stack", "ensure_topics", "free_port", "wait_for_port"]
+__all__ = ["EmbeddedBroker", "RuntimeFailure", "Stack", "ensure_topics", "free_port", "port_in_use", "wait_for_port"]
 
 log = logging.getLogger("labloop.runtime")
 
@@ -39,6 +39,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    """Something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.3).close()
+        return True
+    except OSError:
+        return False
 
 
 def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None, what: str = "") -> None:
@@ -193,6 +202,10 @@ class Stack:
             self.bootstrap = self.settings.kafka_bootstrap
         ensure_topics(self.kafka_config)
         if self.with_sink:
+            port = self.settings.clickhouse_http_port
+            if self.settings.embedded_clickhouse and port_in_use(port):
+                raise RuntimeFailure(f"127.0.0.1:{port} is already in use (another labloop, or a ClickHouse server?): "
+                                     f"set LABLOOP_CLICKHOUSE_HTTP_PORT to a free port")
             sink = self._spawn("sink", "sink")
             if self.settings.embedded_clickhouse:
                 wait_for_port(self.settings.clickhouse_http_port, 60, sink.proc, "ClickHouse sink")

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-
 from clickhouse_connect.driver.client import Client
 
 from consumers import connect
+from streams.runtime import port_in_use
 from streams.settings import Settings
 
 __all__ = ["analyst_client"]
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.3).close()
-        return True
-    except OSError:
-        return False
 
 
 def analyst_client(settings: Settings) -> Client:
@@ -28,7 +19,7 @@ def analyst_client(settings: Settings) -> Client:
     the configured ClickHouse server.
     """
     if settings.embedded_clickhouse:
-        if _listening(settings.clickhouse_http_port):
+        if port_in_use(settings.clickhouse_http_port):
             return connect(f"http://127.0.0.1:{settings.clickhouse_http_port}/{settings.clickhouse_database}")
         client = connect(settings.clickhouse_target, settings.clickhouse_database)
         return client

@@ -77,3 +77,20 @@ def test_commands_without_a_broker_say_so(tmp_path: Path) -> None:
                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode != 0
     assert "LABLOOP_KAFKA_BOOTSTRAP" in out.stderr
+
+
+def test_a_busy_http_port_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    from streams.runtime import RuntimeFailure, Stack
+    from streams.settings import Settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        try:
+            Stack(Settings(data_dir=tmp_path, clickhouse_http_port=port)).__enter__()
+            raise AssertionError("the stack started on a busy port")
+        except RuntimeFailure as exc:
+            assert f"127.0.0.1:{port} is already in use" in str(exc)
