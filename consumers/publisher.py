@@ -19,7 +19,7 @@ from pathlib import Path
 from confluent_kafka import Producer
 
 from consumers.errors import BadRow
-from consumers.virtual_lab import _open_text
+from consumers.virtual_lab import open_text
 from schemas import TOPICS, Codec
 from schemas.types import Record
 
@@ -37,7 +37,7 @@ class PublishResult:
 
 
 def _rows(path: Path, required: list[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:

@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -22,12 +23,13 @@ from consumers.errors import BadRow
 from consumers.robot import Measurement, RobotClient
 from schemas.types import Record
 
-__all__ = ["LabConfig", "Oracle", "VirtualLab"]
+__all__ = ["LabConfig", "Oracle", "VirtualLab", "open_text"]
 
 log = logging.getLogger("labloop.lab")
 
 
-def _open_text(path: Path):  # type: ignore[no-untyped-def]
+def open_text(path: Path) -> TextIO:
+    """Open a CSV for reading as text, gunzipping a ``.gz`` file."""
     return gzip.open(path, "rt", newline="") if str(path).endswith(".gz") else open(path, newline="")  # noqa: SIM115
 
 
@@ -41,7 +43,7 @@ class Oracle:
     def from_csv(cls, path: Path, smiles_col: str = "smiles", value_col: str = "score") -> Oracle:
         """Read a CSV (optionally gzipped); an empty value cell means a failed experiment."""
         values: dict[str, float] = {}
-        with _open_text(path) as fh:
+        with open_text(path) as fh:
             reader = csv.DictReader(fh)
             for col in (smiles_col, value_col):
                 if col not in (reader.fieldnames or []):

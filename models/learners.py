@@ -91,8 +91,10 @@ def _tanimoto_rows(X: np.ndarray, Tt32: torch.Tensor, t_sq: torch.Tensor, device
     """Tanimoto similarity of fingerprint rows ``X`` (``m x d``) to the columns of ``Tt32``
     (``d x n``, float32) whose squared norms are ``t_sq``: ``m x n`` float64.
 
-    Fingerprints are ~2% dense, so on CPU a sparse product is ~5x cheaper. Counts are small
-    integers, so float32 dot products are exact while they stay below 2**24.
+    Fingerprints are ~2% dense (49 of 2048 columns on Enamine 10k), so on CPU a sparse
+    product is cheaper (measured: 0.11 s against 0.35 s dense float32 and 0.94 s float64 for
+    10,560 x 1,000). Counts are small integers, so float32 dot products are exact while they
+    stay below 2**24.
     """
     Xs = torch.from_numpy(np.asarray(X, dtype=np.float32)).to(device)
     if device.type == "cpu":

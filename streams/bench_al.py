@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from consumers.virtual_lab import _open_text
+from consumers.virtual_lab import open_text
 from models import FeatureSpec, PoolState, TopK, calibration, parse_many, round_targets, topk_measures
 from models.chem import featurize_mols
 from schemas import LabloopError
@@ -63,7 +63,7 @@ def load_csv(path: Path, smiles_col: str, objective_col: str, minimize: bool, un
     values: list[float] = []
     lines: list[int] = []
     skipped: list[tuple[int, str]] = []
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         reader = csv.DictReader(fh)
         missing = [c for c in (smiles_col, objective_col) if c not in (reader.fieldnames or [])]
         if missing:
