@@ -88,7 +88,11 @@ def worker() -> None:
     s = _settings()
     # The event loop needs a core of its own; fits share the rest (2 cores here: one thread).
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    faust_app, _ = create_app(s, _kafka(s)["bootstrap.servers"])
+    from streams.recovery import rebuild
+
+    faust_app, w = create_app(s, _kafka(s)["bootstrap.servers"])
+    # A replacement worker first restores what its predecessor had applied (see streams/recovery.py).
+    rebuild(w.campaigns, w.campaign, _kafka(s), faust_app.conf.id, w.codec, w.spec)
     Worker(faust_app, loglevel=s.log_level, quiet=True).execute_from_commandline()
 
 

@@ -213,6 +213,15 @@ class Stack:
             self._spawn(f"worker-{i}", "worker")
         return self
 
+    def restart(self, name: str) -> None:
+        """Start a child again under the same name (after it died or was killed)."""
+        old = next(p for p in self.procs if p.name == name)
+        if old.proc.poll() is None:
+            old.proc.kill()
+            old.proc.wait()
+        self.procs.remove(old)
+        self._spawn(name, *(["sink"] if name == "sink" else ["worker"]))
+
     def check(self) -> None:
         """Raise :class:`RuntimeFailure` naming any child that died, with its log's tail."""
         for p in self.procs:
