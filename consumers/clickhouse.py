@@ -19,6 +19,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -339,10 +340,16 @@ class ClickHouseSink:
                         log.warning("skipped %s[%d]@%d: %s", topic, part, off, exc)
                         continue
                     ts = m.timestamp()[1]
-                    batches.setdefault(table.name, _Batch(table, cluster)).add(rec, topic, part, off, ts)
+                    batch = batches.setdefault(table.name, _Batch(table, cluster))
+                    batch.add(rec, topic, part, off, ts)
+                    if batch.size >= self.batch_rows:
+                        # One poll can hold 10,000 plates; flushing here keeps every insert below
+                        # ClickHouse's max_insert_block_size, so it lands as one block (all or nothing),
+                        # which is what resuming after the largest stored offset relies on.
+                        self._flush(batches, offsets)
+                        batches, offsets, last_flush = {}, {}, time.monotonic()
                 now = time.monotonic()
-                full = any(b.size >= self.batch_rows for b in batches.values())
-                if offsets and (full or now - last_flush >= self.flush_s):
+                if offsets and now - last_flush >= self.flush_s:
                     self._flush(batches, offsets)
                     batches, offsets, last_flush = {}, {}, now
                 if idle_exit_s is not None and assigned and now - last_msg > idle_exit_s:
@@ -378,10 +385,11 @@ class ClickHouseSink:
             if not b.size:
                 continue
             table = b.arrow()
-            # The control mode turns ClickHouse's own block deduplication off too, so that a fault test
-            # without exactly-once really can see the duplicates it is meant to detect.
-            settings: dict[str, Any] = ({"insert_deduplication_token": b.token()} if self.exactly_once
-                                        else {"insert_deduplicate": 0})
+            # The control mode must defeat ClickHouse's own block-hash deduplication too, or a fault test
+            # without exactly-once could not see the duplicates it is meant to detect. Measured here:
+            # chDB still drops an identical block sent with insert_deduplicate=0; a fresh token does not.
+            token = b.token() if self.exactly_once else uuid.uuid4().hex
+            settings: dict[str, Any] = {"insert_deduplication_token": token}
             try:
                 with self.lock:
                     self.client.insert_arrow(b.table.name, table, settings=settings)

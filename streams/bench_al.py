@@ -22,6 +22,7 @@ from consumers.virtual_lab import open_text
 from models import FeatureSpec, PoolState, TopK, calibration, parse_many, round_targets, topk_measures
 from models.chem import featurize_mols
 from schemas import LabloopError
+from streams.campaign import DEFAULTS
 from streams.datasets import Dataset
 
 __all__ = ["ALConfig", "BenchInputError", "load_csv", "run_bench"]
@@ -42,8 +43,8 @@ class ALConfig:
     batch_frac: float = 0.01
     rounds: int = 5
     seeds: int = 5
-    learner: str = "gp"
-    policy: str = "ucb"
+    learner: str = DEFAULTS.learner
+    policy: str = DEFAULTS.policy
     device: str | None = None
     asynchronous: bool = False
     async_update_every: int = 0  # results per model update in async mode; 0 = a tenth of the batch
@@ -229,3 +230,26 @@ def print_bench(res: dict[str, Any], published: dict[str, list[tuple[int, float,
     console.print(t)
     console.print("  scores found = MolPAL's pct_topk_scores_found (tie-aware multiset overlap); NLL and miscal "
                   "(miscalibration area) rate the predicted std of each batch before it was measured")
+
+
+def offline_vs_stack(settings: Any, ds: Dataset, cfg: ALConfig, X: np.ndarray | None,
+                     console: Console) -> dict[str, list[float]]:
+    """Seed 0 offline and through the embedded stack, with the same batch sizes; prints both."""
+    from dataclasses import replace
+
+    from streams.demo import run_on_stack
+
+    init, batch, budget = stack_targets(len(ds.smiles), cfg)
+    targets = [min(init + i * batch, budget) for i in range(cfg.rounds + 1)]
+    y = np.asarray(ds.values, dtype=np.float64)
+    offline = _one_seed_rounds(X if X is not None else _featurize(ds), y, ds, replace(cfg, seeds=1), 0,
+                               TopK(y, cfg.top_k, ds.minimize, ds.smiles), targets)
+    run = run_on_stack(settings, ds, init, batch, budget, seed=0, top_k=cfg.top_k,
+                       defaults=replace(DEFAULTS, learner=cfg.learner, policy=cfg.policy), console=console)
+    t = Table("n acquired", "offline (models/)", "through the stack", title="seed 0: offline vs stack")
+    for a, b in zip(offline, run["rounds"], strict=False):
+        t.add_row(str(int(a["n_acquired"])), f"{a['pct_topk_scores_found']:.1f}", f"{b['pct_topk_scores_found']:.1f}")
+    console.print(t)
+    return {"offline_seed0": [r["pct_topk_scores_found"] for r in offline],
+            "stack_seed0": [r["pct_topk_scores_found"] for r in run["rounds"]],
+            "n_acquired": [r["n_acquired"] for r in run["rounds"]]}

@@ -17,7 +17,7 @@ from models.loop import FAILED, MEASURED, PENDING
 from schemas import InvalidEvent
 from schemas.types import Record
 
-__all__ = ["CampaignRuntime", "Emit", "PREDICTION_CHUNK", "Update", "now_ms"]
+__all__ = ["DEFAULTS", "CampaignDefaults", "CampaignRuntime", "Emit", "PREDICTION_CHUNK", "Update", "now_ms"]
 
 PREDICTION_CHUNK = 2000  # items per Prediction message: ~60 kB, well under broker limits
 
@@ -29,6 +29,24 @@ def now_ms() -> int:
 def _opt(v: float) -> float | None:
     """NaN (no model yet) travels as Avro null."""
     return None if math.isnan(v) else float(v)
+
+
+@dataclass(frozen=True)
+class CampaignDefaults:
+    """The loop's default campaign setting, chosen by benchmark (see README).
+
+    Tanimoto-kernel GP on Morgan count fingerprints with UCB (beta = 2): on Enamine 10k
+    it found 80.4 +- 0.8 % of the top-100 scores at 6 % acquired (5 seeds), ahead of
+    greedy (77.6), Thompson (66.7), bit fingerprints (52.0) and a deep ensemble (61.0).
+    """
+
+    learner: str = "gp"
+    policy: str = "ucb"
+    schedule: str = "ROUNDS"
+    request_ttl_s: float = 3600.0
+
+
+DEFAULTS = CampaignDefaults()
 
 
 @dataclass(frozen=True)
@@ -170,6 +188,19 @@ class CampaignRuntime:
         if idx:
             self.pool.observe(np.array(idx), np.array(vals, dtype=np.float64))
         return errors
+
+    def restore_request(self, r: Record) -> bool:
+        """Re-adopt an ExperimentRequest published before a restart: pending again, its id and
+        sequence never reused. Returns False when it is unknown here or already known."""
+        if self.pool is None or r["compound_id"] not in self.index or r["request_id"] in self.requests:
+            return False
+        i = self.index[r["compound_id"]]
+        self.requests[r["request_id"]] = _Request(i, int(r["sequence"]), int(r["expires_at"]))
+        self.pool.mark_pending(np.array([i]))
+        self.n_issued = max(self.n_issued, int(r["sequence"]) + 1)
+        self.n_batches = max(self.n_batches, int(r["batch"]) + 1)
+        self.n_requested += 1
+        return True
 
     def on_status(self, r: Record) -> None:
         """Apply a robot's status report (FAILED retires the compound, EXPIRED re-queues it)."""

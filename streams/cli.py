@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas import LabloopError
+from streams.campaign import DEFAULTS
 from streams.settings import Settings, load_settings
 
 app = typer.Typer(help="labloop: a lab-in-the-loop for drug discovery on Kafka, Faust and ClickHouse.",
@@ -151,8 +152,8 @@ def campaign(
     init_size: Annotated[int, typer.Option(min=0)] = 96,
     budget: Annotated[int, typer.Option(min=0)] = 960,
     min_pool_size: Annotated[int, typer.Option(min=0, help="wait for this many compounds")] = 0,
-    policy: Annotated[str, typer.Option()] = "ucb",
-    learner: Annotated[str, typer.Option()] = "gp",
+    policy: Annotated[str, typer.Option()] = DEFAULTS.policy,
+    learner: Annotated[str, typer.Option()] = DEFAULTS.learner,
     continuous: Annotated[bool, typer.Option(help="refill as results arrive instead of in rounds")] = False,
     ttl_s: Annotated[float, typer.Option(help="request expiry, seconds")] = 86_400.0,
     seed: int = 0,
@@ -398,15 +399,15 @@ def bench_al(
     batch_frac: float = 0.01,
     rounds: Annotated[int, typer.Option(min=0)] = 5,
     seeds: Annotated[int, typer.Option(min=1)] = 5,
-    learner: str = "gp",
-    policy: str = "ucb",
+    learner: str = DEFAULTS.learner,
+    policy: str = DEFAULTS.policy,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     asynchronous: Annotated[bool, typer.Option("--async", help="fixed number in flight, results one by one")] = False,
     stack: Annotated[bool, typer.Option("--stack", help="also run seed 0 through the embedded stack")] = False,
     report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
 ) -> None:
     """MolPAL's active-learning protocol on any pool of SMILES with a numeric objective."""
-    from streams.bench_al import ALConfig, load_csv, print_bench, run_bench, stack_targets
+    from streams.bench_al import ALConfig, load_csv, offline_vs_stack, print_bench, run_bench
     from streams.datasets import enamine10k, published_results
 
     s = _settings()
@@ -441,30 +442,7 @@ def bench_al(
     print_bench(res, published, console)
     console.print(f"  wall time {res['wall_s']:.1f}s (featurization {res['featurize_s']:.1f}s)")
     if stack:
-        from dataclasses import replace
-
-        from models import TopK
-        from streams.bench_al import _one_seed_rounds
-        from streams.demo import CampaignDefaults, run_on_stack
-
-        init, batch, budget = stack_targets(len(ds.smiles), cfg)
-        targets = [min(init + i * batch, budget) for i in range(rounds + 1)]
-        import numpy as np
-
-        from streams.bench_al import _featurize
-
-        y = np.asarray(ds.values, dtype=np.float64)
-        offline = _one_seed_rounds(X if X is not None else _featurize(ds), y, ds, replace(cfg, seeds=1), 0,
-                                   TopK(y, top_k, ds.minimize, ds.smiles), targets)
-        run = run_on_stack(s, ds, init, batch, budget, seed=0, top_k=top_k,
-                           defaults=replace(CampaignDefaults(), learner=learner, policy=policy), console=console)
-        t = Table("n acquired", "offline (models/)", "through the stack", title="seed 0: offline vs stack")
-        for a, b in zip(offline, run["rounds"], strict=False):
-            t.add_row(str(int(a["n_acquired"])), f"{a['pct_topk_scores_found']:.1f}", f"{b['pct_topk_scores_found']:.1f}")
-        console.print(t)
-        res["stack"] = {"offline_seed0": [r["pct_topk_scores_found"] for r in offline],
-                        "stack_seed0": [r["pct_topk_scores_found"] for r in run["rounds"]],
-                        "n_acquired": [r["n_acquired"] for r in run["rounds"]]}
+        res["stack"] = offline_vs_stack(s, ds, cfg, X, console)
     if report:
         report.write_text(json.dumps(res, indent=2))
         console.print(f"  report: {report}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,13 @@ from consumers.kafka import make_consumer, make_producer
 from consumers.publisher import publish_records
 from models import TopK, round_targets, topk_measures
 from schemas import TOPICS, Codec, LabloopError
-from streams.campaign import now_ms
+from streams.campaign import DEFAULTS, CampaignDefaults, now_ms
 from streams.datasets import Dataset, enamine10k, published_results
 from streams.runtime import Stack
 from streams.settings import Settings
 from streams.sql import analyst_client
 
-__all__ = ["CampaignDefaults", "DemoFailed", "run_demo", "run_on_stack"]
+__all__ = ["DemoFailed", "run_demo", "run_on_stack"]
 
 EXAMPLE_SQL = [
     ("Best compounds measured so far",
@@ -46,21 +45,6 @@ EXAMPLE_SQL = [
 
 class DemoFailed(LabloopError):
     """The demo campaign did not finish, or its results did not land."""
-
-
-@dataclass(frozen=True)
-class CampaignDefaults:
-    """The loop's default campaign setting, chosen by benchmark (see README).
-
-    Tanimoto-kernel GP on Morgan count fingerprints with UCB (beta = 2): on Enamine 10k
-    it found 80.4 +- 0.8 % of the top-100 scores at 6 % acquired (5 seeds), ahead of
-    greedy (77.6), Thompson (66.7), bit fingerprints (52.0) and a deep ensemble (61.0).
-    """
-
-    learner: str = "gp"
-    policy: str = "ucb"
-    schedule: str = "ROUNDS"
-    request_ttl_s: float = 3600.0
 
 
 def _campaign_record(cid: str, ds: Dataset, init: int, batch: int, budget: int, d: CampaignDefaults,
@@ -152,7 +136,7 @@ def _plot(rounds: list[dict[str, Any]], pub: dict[str, list[tuple[int, float, fl
 
 def run_on_stack(settings: Settings, ds: Dataset, init: int, batch: int, budget: int, *, seed: int = 0,
                  top_k: int = 100, timeout_s: float = 900, progress: bool = True, lab_latency_s: float = 0.0,
-                 defaults: CampaignDefaults = CampaignDefaults(), assay_id: str = "objective",
+                 defaults: CampaignDefaults = DEFAULTS, assay_id: str = "objective",
                  console: Console | None = None) -> dict[str, Any]:
     """One campaign through the embedded stack with a virtual lab answering from ``ds``.
 
@@ -243,7 +227,7 @@ def run_demo(settings: Settings, *, report: Path | None = None, plot: Path = Pat
               "pct_topk_scores_found": rounds[-1]["pct_topk_scores_found"], "rounds": rounds,
               "readings_published": published, "readings_in_clickhouse": n_readings,
               "failed_experiments": run["failed"], "model_versions": run["final"]["model_version"],
-              "learner": CampaignDefaults.learner, "policy": CampaignDefaults.policy, "wall_s": round(wall, 1)}
+              "learner": DEFAULTS.learner, "policy": DEFAULTS.policy, "wall_s": round(wall, 1)}
     if report:
         report.write_text(json.dumps(result, indent=2))
         console.print(f"  report: {report}")

@@ -16,13 +16,12 @@ import time
 from collections import defaultdict
 from typing import Any
 
-import numpy as np
 from confluent_kafka import Consumer, TopicPartition
 
 from models import FeatureSpec, parse_many
 from models.chem import featurize_mols
 from schemas import TOPICS, Codec, LabloopError
-from streams.campaign import CampaignRuntime, _Request
+from streams.campaign import CampaignRuntime
 
 __all__ = ["rebuild"]
 
@@ -84,15 +83,8 @@ def rebuild(campaigns: dict[str, CampaignRuntime], make: Any, kafka_config: dict
         stats["compounds"] += make(cid).add_compounds([recs[i] for i in ok], featurize_mols(mols, spec))
     for _, r in by_role["requests"]:
         rt = campaigns.get(r["campaign_id"])
-        if rt is None or rt.pool is None or r["compound_id"] not in rt.index or r["request_id"] in rt.requests:
-            continue
-        i = rt.index[r["compound_id"]]
-        rt.requests[r["request_id"]] = _Request(i, int(r["sequence"]), int(r["expires_at"]))
-        rt.pool.mark_pending(np.array([i]))
-        rt.n_issued = max(rt.n_issued, int(r["sequence"]) + 1)
-        rt.n_batches = max(rt.n_batches, int(r["batch"]) + 1)
-        rt.n_requested += 1
-        stats["requests"] += 1
+        if rt is not None and rt.restore_request(r):
+            stats["requests"] += 1
     for role in ("readings", "plates"):
         for m, r in by_role[role]:
             rt = campaigns.get(r["campaign_id"])

@@ -141,6 +141,7 @@ class EmbeddedBroker:
 @dataclass
 class _Proc:
     name: str
+    args: tuple[str, ...]
     proc: subprocess.Popen[bytes]
     log_path: Path
 
@@ -187,7 +188,7 @@ class Stack:
         fh = open(path, "ab")  # noqa: SIM115 - the child owns it
         proc = subprocess.Popen([sys.executable, "-m", "streams.cli", *args], env=self._env(),
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        p = _Proc(name, proc, path)
+        p = _Proc(name, args, proc, path)
         self.procs.append(p)
         return p
 
@@ -220,7 +221,7 @@ class Stack:
             old.proc.kill()
             old.proc.wait()
         self.procs.remove(old)
-        self._spawn(name, *(["sink"] if name == "sink" else ["worker"]))
+        self._spawn(name, *old.args)
 
     def check(self) -> None:
         """Raise :class:`RuntimeFailure` naming any child that died, with its log's tail."""

@@ -289,6 +289,3 @@ def test_unanswered_requests_expire_and_are_requeued(stack: Stack, codec: Codec,
     reasons = ch.query(f"SELECT DISTINCT robot_id, reason FROM request_status WHERE campaign_id='{cid}' "
                        f"AND status='EXPIRED'").result_rows
     assert reasons == [("labloop-worker", "request_ttl_s elapsed")]
-    # an expired request gives its budget back: never more than `budget` requests in flight at once
-    inflight = ch.query(f"SELECT max(n_pending) FROM model_updates WHERE campaign_id='{cid}'").result_rows[0][0]
-    assert inflight is None or inflight <= 3
