@@ -7,6 +7,12 @@ acknowledged the insert (at-least-once). Each insert carries a deterministic
 holds, and tables keep a ``non_replicated_deduplication_window``, so re-reading
 the same range after a crash inserts nothing twice.
 
+Events re-sent with new offsets (an instrument re-publishing a reading, a worker
+re-emitting after a crash) are a second kind of duplicate: each table names the
+natural key of its rows (``Table.key``), and the sink drops a row whose key it
+has stored before, within a window of the latest ``dedup_keys`` keys per table
+that it reloads from ClickHouse when it starts.
+
 chDB lets one process open a data directory; the sink is that process, and it
 answers ClickHouse's HTTP interface on loopback (:class:`HttpBridge`) so that
 ``labloop sql``, clickhouse-connect and other clients can query while it runs.
@@ -17,14 +23,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from itertools import repeat
+from itertools import islice, repeat
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -49,12 +56,15 @@ _PROVENANCE = [("_cluster", "LowCardinality(String)"), ("_topic", "LowCardinalit
 
 @dataclass(frozen=True)
 class Table:
-    """A ClickHouse table: columns ``(name, type)``, sort key, and how a record becomes rows."""
+    """A ClickHouse table: columns ``(name, type)``, sort key, how a record becomes rows, and
+    ``key``, the columns that identify a row (an event re-sent with the same key is stored once;
+    empty = rows are not deduplicated by content)."""
 
     name: str
     columns: list[tuple[str, str]]
     order_by: str
     rows: Callable[[Record], Columns]
+    key: tuple[str, ...] = ()
 
 
 # A columnizer turns one event into ``(n_rows, columns)``: each column a list of n values,
@@ -96,35 +106,38 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("campaigns", [("campaign_id", S), ("objective_assay_id", LS), ("direction", LS), ("unit", LS),
                         ("batch_size", "Int32"), ("init_size", "Int32"), ("budget", "Int32"), ("min_pool_size", "Int64"),
                         ("policy", LS), ("learner", LS), ("schedule", LS), ("request_ttl_s", "Float64"),
-                        ("seed", "Int64"), ("event_time", TS)], "(campaign_id, event_time)", _same),
+                        ("seed", "Int64"), ("event_time", TS)], "(campaign_id, event_time)", _same, ("campaign_id", "event_time")),
     Table("compounds", [("campaign_id", S), ("compound_id", S), ("smiles", S), ("source", LS), ("event_time", TS),
-                        ("ingest_time", TS)], "(campaign_id, compound_id)", _same),
+                        ("ingest_time", TS)], "(campaign_id, compound_id)", _same, ("campaign_id", "compound_id")),
     Table("readings", [("reading_id", S), ("campaign_id", S), ("compound_id", S), ("assay_id", LS),
                        ("value", "Float64"), ("unit", LS), ("qualifier", LS), ("request_id", "Nullable(String)"),
                        ("instrument_id", LS), ("plate_id", "Nullable(String)"), ("well", "Nullable(String)"),
-                       ("event_time", TS), ("ingest_time", TS)], "(campaign_id, assay_id, compound_id, event_time)", _reading),
+                       ("event_time", TS), ("ingest_time", TS)], "(campaign_id, assay_id, compound_id, event_time)", _reading,
+          ("reading_id",)),
     Table("predictions", [("campaign_id", S), ("model_version", "Int64"), ("assay_id", LS), ("compound_id", S),
                           ("mean", "Float64"), ("std", "Float64"), ("event_time", TS)],
-          "(campaign_id, model_version, compound_id)", _prediction),
+          "(campaign_id, model_version, compound_id)", _prediction),  # derived, and versions are never reused: no key
     Table("requests", [("request_id", S), ("campaign_id", S), ("compound_id", S), ("smiles", S), ("assay_id", LS),
                        ("priority", "Int32"), ("sequence", "Int64"), ("batch", "Int32"), ("policy", LS),
                        ("acquisition_score", "Nullable(Float64)"), ("predicted_mean", "Nullable(Float64)"),
                        ("predicted_std", "Nullable(Float64)"), ("model_version", "Int64"),
                        ("trained_on", "Map(String, Int64)"), ("event_time", TS),
-                       ("expires_at", TS)], "(campaign_id, sequence)", _same),
+                       ("expires_at", TS)], "(campaign_id, sequence)", _same, ("request_id",)),
     Table("request_status", [("request_id", S), ("campaign_id", S), ("compound_id", S), ("status", LS),
                              ("robot_id", LS), ("reason", "Nullable(String)"), ("event_time", TS)],
-          "(campaign_id, request_id, event_time)", _same),
+          "(campaign_id, request_id, event_time)", _same, ("request_id", "status")),
     Table("model_updates", [("campaign_id", S), ("model_version", "Int64"), ("learner", LS), ("device", LS),
                             ("n_train", "Int64"), ("n_new", "Int64"), ("n_measured", "Int64"), ("n_failed", "Int64"),
                             ("n_pending", "Int64"), ("n_requested", "Int64"), ("pool_size", "Int64"),
                             ("best_value", "Nullable(Float64)"), ("train_s", "Float64"), ("done", "Bool"), ("n_readings", "Int64"),
                             ("trained_on", "Map(String, Int64)"),
-                            ("event_time", TS)], "(campaign_id, model_version, event_time)", _same),
+                            ("event_time", TS)], "(campaign_id, model_version, event_time)", _same,
+          ("campaign_id", "model_version", "done")),
     Table("dead_letters", [("source_topic", LS), ("source_partition", "Int32"), ("source_offset", "Int64"),
                            ("source_key", "Nullable(String)"), ("stage", LS), ("service", LS), ("error_class", LS),
                            ("error_message", S), ("raw", S), ("event_time", TS)],
-          "(source_topic, source_partition, source_offset)", _same),
+          "(source_topic, source_partition, source_offset)", _same,
+          ("source_topic", "source_partition", "source_offset", "error_message")),
 )}
 _TABLE_OF_TOPIC = {t.name: TABLES[t.table] for t in TOPICS.values()}
 _SCHEMAS_OF_TOPIC = {t.name: t.schemas for t in TOPICS.values()}
@@ -158,6 +171,50 @@ def create_tables(client: Client, dedup_window: int = 10_000) -> None:
                 client.command(f"ALTER TABLE {t.name} ADD COLUMN IF NOT EXISTS `{n}` {typ}")
 
 
+Key = Hashable
+
+
+def _row_keys(table: Table, n: int, values: dict[str, Any]) -> list[Key]:
+    """The natural key of each of the ``n`` rows a columnizer produced."""
+    cols = [values.get(c) for c in table.key]
+    if len(cols) == 1:
+        v = cols[0]
+        return v if isinstance(v, list) else [v] * n
+    return list(zip(*[v if isinstance(v, list) else repeat(v, n) for v in cols], strict=False))
+
+
+class _Seen:
+    """Natural keys stored per table, as hashes, forgetting the oldest beyond ``cap`` per table."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.keys: dict[str, dict[int, None]] = defaultdict(dict)
+        self.dropped = 0  # rows not stored because a row with their key was
+
+    def add(self, table: str, keys: Iterable[Key]) -> None:
+        self._remember(self.keys[table], [hash(k) for k in keys])
+
+    def admit(self, table: str, keys: list[Key]) -> list[bool] | None:
+        """Which rows are new (and remember them); None when all are."""
+        d = self.keys[table]
+        keep: list[bool] = []
+        fresh: dict[int, None] = {}
+        for h in map(hash, keys):
+            ok = h not in d and h not in fresh
+            keep.append(ok)
+            if ok:
+                fresh[h] = None
+        self.dropped += len(keep) - len(fresh)
+        self._remember(d, fresh)
+        return None if len(fresh) == len(keep) else keep
+
+    def _remember(self, d: dict[int, None], hs: Iterable[int]) -> None:
+        d.update(dict.fromkeys(hs))
+        if len(d) > self.cap:
+            for h in list(islice(d, len(d) - self.cap)):
+                del d[h]
+
+
 class _Batch:
     """Columns accumulated for one table, plus the offset ranges they came from.
 
@@ -174,8 +231,18 @@ class _Batch:
         self.ranges: dict[tuple[str, int], list[int]] = {}
         self.rows = 0
 
-    def add(self, record: Record, topic: str, partition: int, offset: int, timestamp_ms: int = 0) -> int:
+    def add(self, record: Record, topic: str, partition: int, offset: int, timestamp_ms: int = 0,
+            seen: _Seen | None = None) -> int:
+        """Append the record's rows (those whose key ``seen`` has not stored yet); returns how many."""
         n, values = _ROWS_OF_TOPIC.get(topic, self.table.rows)(record)
+        if seen is not None and self.table.key:
+            keep = seen.admit(self.table.name, _row_keys(self.table, n, values))
+            if keep is not None:
+                n = sum(keep)
+                if not n:
+                    return 0
+                values = {k: [x for x, ok in zip(v, keep, strict=True) if ok] if isinstance(v, list) else v
+                          for k, v in values.items()}
         for col, name in zip(self.columns, self.names[:-4], strict=False):
             v = values.get(name)
             if isinstance(v, list):
@@ -279,11 +346,16 @@ class ClickHouseSink:
         codec: decoder for every topic.
         group_id: consumer group (offsets committed after inserts).
         batch_rows, flush_s: flush when a table holds this many rows or this long passed.
+        exactly_once: skip what is already stored (by offset after a crash, by natural key when
+            re-sent); off only for the negative control of fault tests.
+        dedup_keys: natural keys remembered per table (the window for re-sent events).
+        crash_after_inserts, kill_during_insert: fault injection for tests (0 = off).
     """
 
     def __init__(self, client: Client, kafka_config: dict[str, str], codec: Codec, group_id: str = "labloop-sink",
                  batch_rows: int = 50_000, flush_s: float = 0.5, session_timeout_s: float = 6.0,
-                 exactly_once: bool = True, crash_after_inserts: int = 0) -> None:
+                 exactly_once: bool = True, dedup_keys: int = 1_000_000, crash_after_inserts: int = 0,
+                 kill_during_insert: int = 0) -> None:
         self.client = client
         self.codec = codec
         self.lock = threading.Lock()  # chDB is shared with the HTTP bridge threads
@@ -294,7 +366,9 @@ class ClickHouseSink:
         self.skipped = 0
         self.already_stored = 0  # messages re-read after a restart whose rows were already in ClickHouse
         self.exactly_once = exactly_once
+        self.seen = _Seen(dedup_keys) if exactly_once else None
         self.crash_after_inserts = crash_after_inserts  # fault injection: exit between an insert and its commit
+        self.kill_during_insert = kill_during_insert  # fault injection: SIGKILL while this insert runs
         self._inserts = 0
         self._cluster = ""
         self._stored: dict[tuple[str, str, int], int] = {}  # (table, topic, partition) -> last offset stored
@@ -341,7 +415,7 @@ class ClickHouseSink:
                         continue
                     ts = m.timestamp()[1]
                     batch = batches.setdefault(table.name, _Batch(table, cluster))
-                    batch.add(rec, topic, part, off, ts)
+                    batch.add(rec, topic, part, off, ts, self.seen)
                     if batch.size >= self.batch_rows:
                         # One poll can hold 10,000 plates; flushing here keeps every insert below
                         # ClickHouse's max_insert_block_size, so it lands as one block (all or nothing),
@@ -376,7 +450,18 @@ class ClickHouseSink:
                                              parameters={"c": self._cluster}).result_rows
                     for topic, part, off in rows:
                         self._stored[(t.name, topic, int(part))] = int(off)
+                    if self.seen is not None and t.key:
+                        self._load_keys(t)
         consumer.assign(partitions)  # a callback that does not assign leaves the consumer with nothing
+
+    def _load_keys(self, t: Table) -> None:
+        """Remember the natural keys this cluster's rows already hold (the latest ``cap`` of them)."""
+        assert self.seen is not None
+        types = dict(t.columns)
+        cols = [f"toUnixTimestamp64Milli(`{c}`)" if types[c].startswith("DateTime64") else f"`{c}`" for c in t.key]
+        rows = self.client.query(f"SELECT {', '.join(cols)} FROM {t.name} WHERE _cluster = {{c:String}} "
+                                 f"ORDER BY _offset DESC LIMIT {self.seen.cap}", parameters={"c": self._cluster}).result_rows
+        self.seen.add(t.name, (r[0] for r in rows) if len(cols) == 1 else (tuple(r) for r in rows))
 
     def _flush(self, batches: dict[str, _Batch], offsets: dict[tuple[str, int], int]) -> None:
         from confluent_kafka import TopicPartition
@@ -390,13 +475,16 @@ class ClickHouseSink:
             # chDB still drops an identical block sent with insert_deduplicate=0; a fresh token does not.
             token = b.token() if self.exactly_once else uuid.uuid4().hex
             settings: dict[str, Any] = {"insert_deduplication_token": token}
+            self._inserts += 1
+            if self.kill_during_insert and self._inserts == self.kill_during_insert:
+                log.error("fault injection: SIGKILL during insert %d", self._inserts)
+                threading.Timer(0.002, os.kill, (os.getpid(), signal.SIGKILL)).start()
             try:
                 with self.lock:
                     self.client.insert_arrow(b.table.name, table, settings=settings)
             except ClickHouseError as exc:
                 raise SinkError(f"insert into {b.table.name} failed: {exc}") from exc
             self.rows_inserted[b.table.name] += b.size
-            self._inserts += 1
             if self.crash_after_inserts and self._inserts >= self.crash_after_inserts:
                 log.error("fault injection: exiting after insert %d, before committing its offsets", self._inserts)
                 os._exit(17)

@@ -7,10 +7,13 @@ publishes what its instrument measured as ``AssayReading`` or ``PlateReadout``.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
 
 from consumers.kafka import make_consumer, make_producer
 from schemas import TOPICS, Codec, DecodeError
@@ -40,15 +43,25 @@ class RobotClient:
         codec: the event codec.
         robot_id: reported on every status.
         group_id: robots of one fleet share a group and split the requests.
+        journal: a file of the request ids this robot took on, one per line, appended before it
+            acts and read back when it starts, so that a restarted robot never acts twice on a
+            request delivered again (None = remember only for this client's lifetime).
     """
 
     def __init__(self, kafka_config: dict[str, str], codec: Codec, robot_id: str = "robot-1",
-                 group_id: str = "labloop-robots", session_timeout_s: float = 6.0) -> None:
+                 group_id: str = "labloop-robots", session_timeout_s: float = 6.0,
+                 journal: Path | None = None) -> None:
         self.codec = codec
         self.robot_id = robot_id
+        self.seen: set[str] = set()
+        self._journal: TextIO | None = None
+        if journal is not None:
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            if journal.exists():
+                self.seen.update(line.strip() for line in journal.read_text().splitlines() if line.strip())
+            self._journal = open(journal, "a")  # noqa: SIM115 - closed in close()
         self.consumer = make_consumer(kafka_config, group_id, session_timeout_s)
         self.producer = make_producer(kafka_config)
-        self.seen: set[str] = set()
         self.executions = 0
         self.readings_published = 0
         self.consumer.subscribe([TOPICS["requests"].name])
@@ -68,6 +81,10 @@ class RobotClient:
                 continue
             self.seen.add(r["request_id"])
             out.append(r)
+        if out and self._journal is not None:
+            self._journal.write("".join(f"{r['request_id']}\n" for r in out))
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
         if msgs:
             self.consumer.commit(asynchronous=False)
         return out
@@ -130,3 +147,5 @@ class RobotClient:
         self.flush()
         self.consumer.close()
         self.producer.close()
+        if self._journal is not None:
+            self._journal.close()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.acquisition import Policy, RandomPolicy, make_policy
-from models.learners import OnlineLearner, make_learner
+from models.learners import OnlineLearner, make_learner, pack_rows, unpack_rows
 
 __all__ = ["AVAILABLE", "FAILED", "MEASURED", "PENDING", "Proposal", "PoolState", "round_targets"]
 
@@ -76,6 +76,13 @@ class PoolState:
     @property
     def size(self) -> int:
         return int(self.X.shape[0])
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled for checkpoints: everything, with the pool's fingerprints sparse."""
+        return {**self.__dict__, "X": pack_rows(self.X)}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update({**state, "X": unpack_rows(state["X"])})  # type: ignore[arg-type]
 
     def add(self, X: np.ndarray) -> np.ndarray:
         """Append candidates; returns their pool positions."""

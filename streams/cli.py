@@ -89,11 +89,17 @@ def worker() -> None:
     s = _settings()
     # The event loop needs a core of its own; fits share the rest (2 cores here: one thread).
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    from confluent_kafka.admin import AdminClient
+
+    from streams.checkpoint import CheckpointStore
     from streams.recovery import rebuild
 
     faust_app, w = create_app(s, _kafka(s)["bootstrap.servers"])
+    group = str(faust_app.conf.id)
+    cluster = AdminClient(dict(_kafka(s))).list_topics(timeout=30).cluster_id or ""  # type: ignore[arg-type]
+    w.checkpoints = CheckpointStore(s.data_dir / "checkpoints" / f"{group}-{s.worker_id}.ckpt", cluster, group)
     # A replacement worker first restores what its predecessor had applied (see streams/recovery.py).
-    rebuild(w.campaigns, w.campaign, _kafka(s), faust_app.conf.id, w.codec, w.spec)
+    rebuild(w.campaigns, w.campaign, _kafka(s), group, w.codec, w.spec, w.checkpoints)
     Worker(faust_app, loglevel=s.log_level, quiet=True).execute_from_commandline()
 
 
@@ -107,7 +113,8 @@ def sink() -> None:
     create_tables(client)
     snk = ClickHouseSink(client, _kafka(s), _codec(s), batch_rows=s.sink_batch_rows, flush_s=s.sink_flush_s,
                          session_timeout_s=s.kafka_session_timeout_s, exactly_once=s.sink_exactly_once,
-                         crash_after_inserts=s.sink_crash_after_inserts)
+                         dedup_keys=s.sink_dedup_keys, crash_after_inserts=s.sink_crash_after_inserts,
+                         kill_during_insert=s.sink_kill_during_insert)
     bridge = HttpBridge(client, snk.lock, s.clickhouse_http_port, s.clickhouse_database).start() \
         if s.embedded_clickhouse else None
     signal.signal(signal.SIGTERM, lambda *_: snk.stop())
@@ -240,11 +247,17 @@ def robot(
     failure_rate: float = 0.0,
     plate_size: Annotated[int, typer.Option(help="wells per plate; 0 = single readings")] = 384,
 ) -> None:
-    """Run a robot with a virtual instrument answering requests from an oracle CSV, until Ctrl-C."""
+    """Run a robot with a virtual instrument answering requests from an oracle CSV, until Ctrl-C.
+
+    The robot journals the request ids it took on under the data directory, so a restarted
+    robot of the same id never runs a request twice.
+    """
     from consumers import LabConfig, Oracle, RobotClient, VirtualLab
 
     s = _settings()
-    lab = VirtualLab(RobotClient(_kafka(s), _codec(s), robot_id=robot_id), Oracle.from_csv(oracle, smiles_col, value_col),
+    journal = s.data_dir / "robots" / f"{robot_id}.journal"
+    lab = VirtualLab(RobotClient(_kafka(s), _codec(s), robot_id=robot_id, journal=journal),
+                     Oracle.from_csv(oracle, smiles_col, value_col),
                      LabConfig(latency_s=latency_s, noise_sd=noise_sd, failure_rate=failure_rate, plate_size=plate_size,
                                unit=unit))
     console.print(f"{robot_id} waiting for requests (Ctrl-C stops)")
@@ -474,6 +487,31 @@ def bench_stream(
     if report:
         report.write_text(json.dumps(res, indent=2))
         console.print(f"  report: {report}")
+
+
+@bench_app.command("faults")
+def bench_faults(
+    readings: Annotated[int, typer.Option(min=100, help="readings the LIMS publishes")] = 20_000,
+    campaigns: Annotated[int, typer.Option(min=1)] = 4,
+    worker_kills: Annotated[int, typer.Option(min=0, help="SIGKILLs of the worker")] = 4,
+    sink_kills: Annotated[int, typer.Option(min=0, help="sink faults: a SIGKILL, then a kill during an insert")] = 1,
+    rate: Annotated[float, typer.Option(help="readings/s offered")] = 800.0,
+    control: Annotated[bool, typer.Option(help="also run the negative control (deduplication off)")] = True,
+    report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="keep the runs' data and logs here (default: removed)")] = None,
+) -> None:
+    """Nothing lost, nothing doubled: crashes, duplicates and poison against a ledger of acknowledged readings."""
+    from streams.bench_faults import FaultBenchConfig, print_fault_bench, run_fault_bench, write_report
+
+    cfg = FaultBenchConfig(readings=readings, campaigns=campaigns, worker_kills=worker_kills, sink_kills=sink_kills,
+                           rate=rate, control=control, control_readings=max(1000, readings // 5))
+    res = run_fault_bench(_settings(), cfg, console, workdir)
+    print_fault_bench(res, console)
+    if report:
+        write_report(res, report)
+        console.print(f"  report: {report}")
+    if not res["passed"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,12 +1,16 @@
-"""Rebuild a worker's campaign state from Kafka before it starts consuming.
+"""Rebuild a worker's campaign state before it starts consuming.
 
-A worker keeps campaigns in memory. Its replacement (after a crash or a restart)
-reads every input partition from the start up to the offsets its consumer group
-committed, plus everything it ever published on the requests and model-updates
-topics, and applies them without emitting anything. Faust then resumes at the
-committed offsets, so every input event is applied exactly once (readings are
-idempotent by ``reading_id`` in any case), issued requests stay pending until
-they are answered, and model versions continue where they stopped.
+A worker keeps campaigns in memory and checkpoints them (:mod:`streams.checkpoint`).
+Its replacement (after a crash or a restart) loads the checkpoint, then reads each
+input partition from the checkpoint's floor (from the start where there is no
+checkpoint) up to the offsets its consumer group committed, plus everything it ever
+published on the requests and model-updates topics, and applies them without
+emitting anything. Faust then resumes at the committed offsets. Every handler is
+idempotent (compounds by id, readings by ``reading_id``, statuses by request state),
+so a message both in the checkpoint and replayed counts once; issued requests stay
+pending until they are answered, and model versions continue where they stopped.
+The learner restored from a checkpoint keeps its fit: only readings after the
+checkpoint are new to it.
 """
 
 from __future__ import annotations
@@ -22,33 +26,70 @@ from models import FeatureSpec, parse_many
 from models.chem import featurize_mols
 from schemas import TOPICS, Codec, LabloopError
 from streams.campaign import CampaignRuntime
+from streams.checkpoint import CheckpointError, CheckpointStore
 
-__all__ = ["rebuild"]
+__all__ = ["RecoveryError", "rebuild"]
 
 log = logging.getLogger("labloop.recovery")
+
+
+class RecoveryError(LabloopError):
+    """The input topics could not be replayed up to the committed offsets."""
 _INPUTS = ("campaigns", "compounds", "readings", "plates", "status")
 _OWN = ("requests", "model_updates")
 
 
-def _read(c: Consumer, tps: list[TopicPartition], idle_s: float = 1.0) -> list[Any]:
-    """Messages of ``tps`` from their offsets up to each one's ``stop`` (or until idle)."""
+def _read(c: Consumer, tps: list[TopicPartition], stops: dict[tuple[str, int], int] | None = None,
+          idle_s: float = 1.0, stall_s: float = 20.0) -> list[Any]:
+    """Messages of ``tps`` from their offsets: up to ``stops`` (exclusive) where given, else until
+    nothing arrives for ``idle_s``. A partition that stops short of its stop offset for ``stall_s``
+    is reported, never silently cut."""
     if not tps:
         return []
     c.assign(tps)
     out: list[Any] = []
+    want = {(tp.topic, tp.partition): stops[(tp.topic, tp.partition)] for tp in tps} if stops else {}
+    pos: dict[tuple[str, int], int] = {(tp.topic, tp.partition): tp.offset for tp in tps}
     idle = time.monotonic()
-    while time.monotonic() - idle < idle_s:
+    while True:
         msgs = c.consume(10_000, 0.2)
         if msgs:
             idle = time.monotonic()
-        out += [m for m in msgs if not m.error()]
+        for m in msgs:
+            if m.error():
+                continue
+            out.append(m)
+            tp = (str(m.topic()), int(m.partition() or 0))
+            pos[tp] = max(pos[tp], int(m.offset() or 0) + 1)
+        if want:
+            if all(pos[tp] >= stop for tp, stop in want.items()):
+                break
+            if time.monotonic() - idle > stall_s:
+                short = {f"{t}[{p}]": (pos[(t, p)], stop) for (t, p), stop in want.items() if pos[(t, p)] < stop}
+                raise RecoveryError(f"replay stalled short of the committed offsets (at, want): {short}")
+        elif time.monotonic() - idle > idle_s:
+            break
     c.unassign()
     return out
 
 
 def rebuild(campaigns: dict[str, CampaignRuntime], make: Any, kafka_config: dict[str, str], group_id: str,
-            codec: Codec, spec: FeatureSpec) -> dict[str, int]:
-    """Fill ``campaigns`` (via ``make(campaign_id)``) from the topics; returns counts of what was applied."""
+            codec: Codec, spec: FeatureSpec, store: CheckpointStore | None = None) -> dict[str, int]:
+    """Fill ``campaigns`` (via ``make(campaign_id)``) from the checkpoint in ``store`` (if any) and
+    the topics; returns counts of what was restored and applied."""
+    t0 = time.perf_counter()
+    stats: dict[str, int] = defaultdict(int)
+    floors: dict[tuple[str, int], int] = {}
+    try:
+        ckpt = store.load() if store is not None else None
+    except CheckpointError as exc:
+        log.error("%s; replaying from the start instead", exc)
+        ckpt = None
+    if ckpt is not None:
+        campaigns.update(ckpt.campaigns)
+        floors = ckpt.floors
+        stats["checkpointed_campaigns"] = len(ckpt.campaigns)
+        log.warning("loaded checkpoint of %d campaign(s), %.1fs old", len(ckpt.campaigns), time.time() - ckpt.written_at)
     c = Consumer({**kafka_config, "group.id": group_id, "enable.auto.commit": False, "fetch.wait.max.ms": 20})
     try:
         committed: dict[tuple[str, int], int] = {}
@@ -56,15 +97,16 @@ def rebuild(campaigns: dict[str, CampaignRuntime], make: Any, kafka_config: dict
         for tp in c.committed(parts, timeout=30):
             if tp.offset > 0:
                 committed[(tp.topic, tp.partition)] = tp.offset
-        stats: dict[str, int] = defaultdict(int)
-        if not committed:
+        if not committed and ckpt is None:
             return dict(stats)  # a fresh group: nothing was processed before, nothing to rebuild
         # Explicit offsets avoid ListOffsets round trips; the group is not joined.
-        inputs = _read(c, [TopicPartition(t, p, 0) for (t, p) in committed])
+        starts = {tp: floors.get(tp, 0) for tp in committed}
+        inputs = _read(c, [TopicPartition(t, p, o) for (t, p), o in starts.items() if o < committed[(t, p)]], committed)
         inputs = [m for m in inputs if m.offset() < committed[(m.topic(), m.partition())]]
         own = _read(c, [TopicPartition(TOPICS[r].name, p, 0) for r in _OWN for p in range(TOPICS[r].partitions)])
     finally:
         c.close()
+    stats["replayed_messages"] = len(inputs)
     by_role: dict[str, list[Any]] = defaultdict(list)
     role_of = {TOPICS[r].name: r for r in (*_INPUTS, *_OWN)}
     for m in sorted([*inputs, *own], key=lambda m: (m.topic(), m.partition(), m.offset())):
@@ -79,6 +121,10 @@ def rebuild(campaigns: dict[str, CampaignRuntime], make: Any, kafka_config: dict
     for _, r in by_role["compounds"]:
         pools[r["campaign_id"]].append(r)
     for cid, recs in pools.items():
+        known = campaigns[cid].index if cid in campaigns else {}
+        recs = [r for r in recs if r["compound_id"] not in known]  # featurize only what the checkpoint lacks
+        if not recs:
+            continue
         mols, ok, _ = parse_many([r["smiles"] for r in recs])
         stats["compounds"] += make(cid).add_compounds([recs[i] for i in ok], featurize_mols(mols, spec))
     for _, r in by_role["requests"]:
@@ -104,5 +150,7 @@ def rebuild(campaigns: dict[str, CampaignRuntime], make: Any, kafka_config: dict
         if rt is not None and rt.pool is not None:
             rt.pool.model_version = max(rt.pool.model_version, int(r["model_version"]))
             rt.done_announced = rt.done_announced or bool(r["done"])
-    log.warning("rebuilt %d campaign(s) from Kafka: %s", len(campaigns), dict(stats))
+    stats["rebuild_ms"] = int((time.perf_counter() - t0) * 1000)
+    log.warning("rebuilt %d campaign(s) from %s: %s", len(campaigns),
+                "a checkpoint and Kafka" if ckpt is not None else "Kafka", dict(stats))
     return dict(stats)

@@ -144,6 +144,7 @@ class _Proc:
     args: tuple[str, ...]
     proc: subprocess.Popen[bytes]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -176,19 +177,20 @@ class Stack:
         env = dict(os.environ)
         env["LABLOOP_KAFKA_BOOTSTRAP"] = self.bootstrap
         for name in ("clickhouse_dsn", "clickhouse_http_port", "data_dir", "device", "log_level",
-                     "kafka_session_timeout_s", "kafka_fetch_max_wait_ms", "worker_batch", "worker_batch_window_s"):
+                     "kafka_session_timeout_s", "kafka_fetch_max_wait_ms", "worker_batch", "worker_batch_window_s",
+                     "sink_batch_rows", "sink_flush_s", "sink_exactly_once", "sink_dedup_keys", "checkpoint_interval_s"):
             value = getattr(self.settings, name)
             env[f"LABLOOP_{name.upper()}"] = str(value.resolve() if isinstance(value, Path) else value)
         return env
 
-    def _spawn(self, name: str, *args: str) -> _Proc:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> _Proc:
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         path = logs / f"{name}.log"
         fh = open(path, "ab")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen([sys.executable, "-m", "streams.cli", *args], env=self._env(),
+        proc = subprocess.Popen([sys.executable, "-m", "streams.cli", *args], env={**self._env(), **(env or {})},
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        p = _Proc(name, args, proc, path)
+        p = _Proc(name, args, proc, path, env or {})
         self.procs.append(p)
         return p
 
@@ -211,17 +213,25 @@ class Stack:
             if self.settings.embedded_clickhouse:
                 wait_for_port(self.settings.clickhouse_http_port, 60, sink.proc, "ClickHouse sink")
         for i in range(self.workers):
-            self._spawn(f"worker-{i}", "worker")
+            self._spawn(f"worker-{i}", "worker", env={"LABLOOP_WORKER_ID": str(i)})
         return self
 
-    def restart(self, name: str) -> None:
-        """Start a child again under the same name (after it died or was killed)."""
+    def restart(self, name: str, **env: str) -> None:
+        """Start a child again under the same name (after it died or was killed); ``env`` adds
+        ``LABLOOP_*`` variables to the ones it was started with."""
         old = next(p for p in self.procs if p.name == name)
         if old.proc.poll() is None:
             old.proc.kill()
             old.proc.wait()
         self.procs.remove(old)
-        self._spawn(name, *old.args)
+        self._spawn(name, *old.args, env={**old.env, **env})
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a child (no goodbye) and wait for it to die."""
+        p = next(p for p in self.procs if p.name == name)
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGKILL)
+        p.proc.wait()
 
     def check(self) -> None:
         """Raise :class:`RuntimeFailure` naming any child that died, with its log's tail."""

@@ -49,7 +49,11 @@ class Settings(BaseSettings):
     sink_batch_rows: int = 50_000
     sink_flush_s: float = 0.5
     sink_exactly_once: bool = Field(True, description="skip rows already stored after a crash; dedup tokens (off only for fault-test controls)")
+    sink_dedup_keys: int = Field(1_000_000, description="natural keys remembered per table: the window for re-sent events")
     sink_crash_after_inserts: int = Field(0, description="fault injection for tests: exit after this many inserts, before the commit")
+    sink_kill_during_insert: int = Field(0, description="fault injection for tests: SIGKILL the sink while its n-th insert runs")
+    checkpoint_interval_s: float = Field(10.0, description="how often a worker checkpoints its campaigns (0 = never)")
+    worker_id: str = Field("0", description="names this worker's checkpoint; a replacement reuses its predecessor's id")
     log_level: Literal["debug", "info", "warn", "error"] = "warn"
 
     @property

@@ -13,12 +13,18 @@ Agents consume in micro-batches (``take_events``), decode Avro themselves
 pool so the event loop keeps heart-beating. Delivery is at-least-once: every
 handler is idempotent (compounds by id, readings by ``reading_id``, statuses by
 request state).
+
+Every ``checkpoint_interval_s`` the worker pickles each campaign (under its lock,
+with no fit in flight and nothing decided but unsent), flushes the producer, and
+writes the checkpoint with the offsets below which every input was handled
+(:mod:`streams.checkpoint`); a replacement resumes from it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import ssl
 import time
 from collections import defaultdict
@@ -33,6 +39,7 @@ from models.chem import featurize_mols
 from schemas import TOPICS, Codec, LabloopError
 from schemas.types import Record
 from streams.campaign import CampaignRuntime, Emit, now_ms
+from streams.checkpoint import CheckpointStore
 from streams.settings import Settings
 
 __all__ = ["LabloopWorker", "create_app"]
@@ -70,6 +77,14 @@ class LabloopWorker:
         self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-model")
         self.chem_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-chem")
         self.updaters: dict[str, asyncio.Task[None]] = {}
+        # Checkpoints: per input topic-partition, every message below the floor was handled; a campaign
+        # is "busy" from deciding something (a fit, requests, expiries) until it is sent, and a paused
+        # campaign starts nothing new, so its snapshot never holds a half-applied fit or an unsent request.
+        self.checkpoints: CheckpointStore | None = None
+        self.floors: dict[tuple[str, int], int] = {}
+        self.busy: dict[str, int] = defaultdict(int)
+        self.paused: set[str] = set()
+        self.dirty = False
         self.topics = {role: app.topic(t.name, key_type=bytes, value_type=bytes, partitions=t.partitions)
                        for role, t in TOPICS.items()}
 
@@ -117,23 +132,80 @@ class LabloopWorker:
         loop = asyncio.get_running_loop()
         try:
             while True:
+                while campaign_id in self.paused:
+                    await asyncio.sleep(0.01)
                 async with lock:
+                    if campaign_id in self.paused:
+                        continue
                     if rt.pool is None or rt.definition is None:
                         return
                     device = str(getattr(rt.pool.learner, "device", "cpu"))
                     update = rt.take_update()
+                    self.busy[campaign_id] += 1
                     if update is None:
                         out = rt.requests_now(device)
                         break
-                t0 = time.perf_counter()
-                pred = await loop.run_in_executor(self.model_pool, rt.pool.fit, update.X_new, update.y_new,
-                                                  update.keys, update.X_pool)
-                async with lock:
-                    events = rt.commit_update(update, pred, time.perf_counter() - t0, device)
-                await self.emit(campaign_id, events)
-            await self.emit(campaign_id, out)
+                try:
+                    t0 = time.perf_counter()
+                    pred = await loop.run_in_executor(self.model_pool, rt.pool.fit, update.X_new, update.y_new,
+                                                      update.keys, update.X_pool)
+                    async with lock:
+                        events = rt.commit_update(update, pred, time.perf_counter() - t0, device)
+                    await self.emit(campaign_id, events)
+                finally:
+                    self.busy[campaign_id] -= 1
+            try:
+                await self.emit(campaign_id, out)
+            finally:
+                self.busy[campaign_id] -= 1
         except Exception:  # an updater must never die silently: log with the campaign, let the next tick retry
             log.exception("model update or request step of campaign %s failed", campaign_id)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def handling(self, events: list[Any]) -> None:
+        """A batch starts: on each of its partitions, everything below its first offset was handled."""
+        lo: dict[tuple[str, int], int] = {}
+        for ev in events:
+            tp = (ev.message.topic, ev.message.partition)
+            lo[tp] = min(lo.get(tp, ev.message.offset), ev.message.offset)
+        self.floors.update(lo)
+        self.dirty = True
+
+    def handled(self, events: list[Any]) -> None:
+        """A batch is done: its partitions are handled up to its last offset."""
+        for ev in events:
+            tp = (ev.message.topic, ev.message.partition)
+            self.floors[tp] = max(self.floors[tp], ev.message.offset + 1)
+
+    async def _snapshot(self, campaign_id: str) -> bytes:
+        loop = asyncio.get_running_loop()
+        self.paused.add(campaign_id)
+        try:
+            while True:
+                while self.busy[campaign_id]:
+                    await asyncio.sleep(0.005)
+                async with self.locks[campaign_id]:
+                    if self.busy[campaign_id]:
+                        continue
+                    # Pickled on a thread with the lock held: handlers wait for this campaign only.
+                    return await loop.run_in_executor(self.chem_pool, pickle.dumps, self.campaigns[campaign_id],
+                                                      pickle.HIGHEST_PROTOCOL)
+        finally:
+            self.paused.discard(campaign_id)
+
+    async def checkpoint(self) -> None:
+        """Snapshot every campaign, make sure what they decided is in Kafka, then write the file."""
+        store = self.checkpoints
+        if store is None or not self.dirty or not self.campaigns:
+            return
+        self.dirty = False
+        t0 = time.perf_counter()
+        floors = dict(self.floors)  # taken first: every later snapshot holds at least this much
+        blobs = {cid: await self._snapshot(cid) for cid in list(self.campaigns)}
+        await self.app.producer.flush()
+        await asyncio.get_running_loop().run_in_executor(self.chem_pool, store.write, floors, blobs)
+        log.info("checkpoint %d: %d campaign(s), %.1f MB in %.0f ms", store.written, len(blobs),
+                 store.last_bytes / 1e6, (time.perf_counter() - t0) * 1000)
 
     # ---- handlers -------------------------------------------------------------------------
     async def on_campaigns(self, events: list[Any]) -> None:
@@ -214,9 +286,17 @@ class LabloopWorker:
         now = now_ms()
         for cid, rt in list(self.campaigns.items()):
             async with self.locks[cid]:
+                if cid in self.paused:
+                    continue  # being checkpointed: expire on the next tick
                 expired = rt.expire(now)
+                if expired:
+                    self.busy[cid] += 1
+                    self.dirty = True
             if expired:
-                await self.emit(cid, expired)
+                try:
+                    await self.emit(cid, expired)
+                finally:
+                    self.busy[cid] -= 1
                 self.tick(cid)
 
 
@@ -242,7 +322,10 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
         async def run(stream: Any) -> None:
             async for events in stream.take_events(n, within=within):
                 t0 = time.perf_counter()
-                await handler(list(events))
+                batch = list(events)
+                w.handling(batch)
+                await handler(batch)
+                w.handled(batch)
                 log.debug("%s: %d events in %.3fs", role, len(events), time.perf_counter() - t0)
 
         run.__name__ = f"on_{role}"
@@ -252,6 +335,8 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
                           ("plates", w.on_plates), ("status", w.on_status)):
         agent(role, handler)
     app.timer(interval=2.0)(w.on_timer)
+    if settings.checkpoint_interval_s > 0:
+        app.timer(interval=settings.checkpoint_interval_s)(w.checkpoint)
     return app, w
 
 

@@ -58,3 +58,24 @@ def test_release_returns_only_pending() -> None:
     st.observe(np.array([1]), np.array([1.0]))
     st.release(np.array([0, 1]))
     assert st.status.tolist() == [AVAILABLE, MEASURED, AVAILABLE, AVAILABLE]
+
+
+def test_a_pickled_pool_keeps_its_fit_and_goes_on_learning() -> None:
+    """Checkpoints pickle the pool: the restored copy predicts the same without a refit and then
+    learns only what is new."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    X = (rng.random((400, 64)) < 0.1).astype(np.float32) * rng.integers(1, 4, (400, 64))
+    y = X[:, :8].sum(1)
+    p = PoolState(X, maximize=True, learner="gp", policy="ucb")
+    p.observe(np.arange(60), y[:60])
+    p.retrain()
+    q = pickle.loads(pickle.dumps(p))
+    assert q.learner.n_seen == 60 and q.model_version == p.model_version
+    np.testing.assert_allclose(q.predict_pool()[0], p.predict_pool()[0])
+    q._pred = None  # recomputed from the restored fit, not a copy of the cached scores
+    np.testing.assert_allclose(q.predict_pool()[1], p.predict_pool()[1], rtol=1e-9)
+    q.observe(np.arange(60, 80), y[60:80])
+    assert q.retrain() and q.learner.n_seen == 80
+    assert not set(q.propose(5).index.tolist()) & set(range(80))  # measured compounds stay measured

@@ -24,7 +24,7 @@ CID, BUDGET, BATCH = "recovery-it", 60, 10
 @pytest.fixture(scope="module")
 def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = Settings(data_dir=tmp_path_factory.mktemp("recovery"), clickhouse_http_port=free_port(),
-                        log_level="info", sink_flush_s=0.2)
+                        log_level="info", sink_flush_s=0.2, checkpoint_interval_s=1.0)
     with Stack(settings) as s:
         yield s
 
@@ -77,4 +77,5 @@ def test_a_killed_worker_is_replaced_without_losing_or_doubling(own_stack: Stack
     assert versions[0] == versions[1]  # model versions continued, none reused
     assert ch.query(f"SELECT count() FROM dead_letters WHERE error_message LIKE '%{CID}%'").result_rows[0][0] == 0
     log = (stack.settings.data_dir / "logs" / "worker-0.log").read_text()
-    assert "rebuilt 1 campaign(s) from Kafka" in log  # the replacement restored the campaign, not a fresh start
+    # The replacement resumed from its predecessor's checkpoint plus the messages after it, not a fresh start.
+    assert "loaded checkpoint of 1 campaign(s)" in log and "rebuilt 1 campaign(s) from a checkpoint and Kafka" in log

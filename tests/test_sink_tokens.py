@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumers.clickhouse import TABLES, _Batch
+from consumers.clickhouse import TABLES, _Batch, _Seen
 
 REC = {"request_id": "r", "campaign_id": "c", "compound_id": "x", "status": "ACCEPTED", "robot_id": "b",
        "reason": None, "event_time": 0}
@@ -50,3 +50,28 @@ def test_plates_and_singles_mix_in_one_readings_batch() -> None:
     assert t["qualifier"] == ["<", "<", ">"] and t["plate_id"] == ["p1", "p1", None]
     assert t["campaign_id"] == ["c"] * 3 and t["_offset"] == [5, 5, 9]
     assert [x.timestamp() for x in t["event_time"]] == [1.0, 1.0, 3.0]
+
+
+def test_a_resent_event_is_stored_once_by_its_natural_key() -> None:
+    """A reading re-sent (new offset, same reading_id) is dropped, alone or inside a plate, and
+    forgetting past the window is by age; without a key memory (the control) both are kept."""
+    seen = _Seen(cap=3)
+    b = _Batch(TABLES["readings"], "k")
+    well = {"reading_id": "w1", "compound_id": "x", "well": "A01", "value": 1.0, "qualifier": "EQ", "request_id": None}
+    plate = {"plate_id": "p", "campaign_id": "c", "assay_id": "a", "unit": "u", "instrument_id": "i",
+             "event_time": 0, "ingest_time": 0, "wells": [well, {**well, "reading_id": "w2"}, {**well, "reading_id": "w1"}]}
+    single = {"reading_id": "w2", "campaign_id": "c", "compound_id": "x", "assay_id": "a", "value": 1.0, "unit": "u",
+              "qualifier": "EQ", "request_id": None, "instrument_id": "i", "event_time": 0, "ingest_time": 0}
+    assert b.add(plate, "labloop.plates", 0, 1, 0, seen) == 2  # w1 twice in one plate: once
+    assert b.add(single, "labloop.readings", 0, 7, 0, seen) == 0  # w2 again, as a single reading
+    assert b.arrow().column("reading_id").to_pylist() == ["w1", "w2"] and seen.dropped == 2
+    seen.add("readings", ["a", "b"])  # over the cap of 3: the oldest key (w1) is forgotten
+    assert b.add({**single, "reading_id": "w1"}, "labloop.readings", 0, 8, 0, seen) == 1
+    control = _Batch(TABLES["readings"], "k")
+    assert control.add(single, "labloop.readings", 0, 7) + control.add(single, "labloop.readings", 0, 9) == 2
+
+
+def test_every_table_but_predictions_names_a_natural_key() -> None:
+    cols = {name: {c for c, _ in t.columns} for name, t in TABLES.items()}
+    assert all(set(t.key) <= cols[name] for name, t in TABLES.items())
+    assert {name for name, t in TABLES.items() if not t.key} == {"predictions"}
