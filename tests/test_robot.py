@@ -1,0 +1,50 @@
+"""Robots act once per request_id, across their own restarts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from consumers import RobotClient
+from consumers.kafka import make_producer
+from schemas import TOPICS, Codec
+from streams.runtime import EmbeddedBroker, ensure_topics
+
+REQ = {"request_id": "jr-r0000001", "campaign_id": "journal", "compound_id": "c1", "smiles": "CCO", "assay_id": "a",
+       "priority": 0, "sequence": 1, "batch": 0, "policy": "ucb", "acquisition_score": None, "predicted_mean": None,
+       "predicted_std": None, "model_version": 0, "trained_on": {}, "event_time": 0, "expires_at": 0}
+
+
+def _take(robot: RobotClient, want: int, grace_s: float = 1.0, timeout_s: float = 20) -> list[str]:
+    """Requests the robot takes on: until ``want`` arrived, then ``grace_s`` more for any extra."""
+    got: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and len(got) < want:
+        got += [r["request_id"] for r in robot.poll(0.3)]
+    end = time.monotonic() + grace_s
+    while time.monotonic() < end:
+        got += [r["request_id"] for r in robot.poll(0.3)]
+    return got
+
+
+def test_a_restarted_robot_never_takes_a_request_twice(broker: EmbeddedBroker, codec: Codec, tmp_path: Path) -> None:
+    conf = {"bootstrap.servers": broker.bootstrap}
+    ensure_topics(conf)
+    p = make_producer(conf)
+    for rid in ("jr-r0000001", "jr-r0000002"):
+        p.produce(TOPICS["requests"].name, key=b"journal", value=codec.encode("ExperimentRequest", {**REQ, "request_id": rid}))
+    p.flush(10)
+    journal = tmp_path / "robot.journal"
+    first = RobotClient(conf, codec, robot_id="j", group_id="journal-1", journal=journal)
+    assert sorted(_take(first, 2)) == ["jr-r0000001", "jr-r0000002"]
+    first.close()
+    # Everything is delivered again (a new group reads from the start), as after a lost commit.
+    p.produce(TOPICS["requests"].name, key=b"journal", value=codec.encode("ExperimentRequest", {**REQ, "request_id": "jr-r0000003"}))
+    p.flush(10)
+    second = RobotClient(conf, codec, robot_id="j", group_id="journal-2", journal=journal)
+    assert _take(second, 1, grace_s=2.0) == ["jr-r0000003"]
+    second.close()
+    assert sorted(journal.read_text().split()) == ["jr-r0000001", "jr-r0000002", "jr-r0000003"]
+    control = RobotClient(conf, codec, robot_id="j", group_id="journal-3")  # no journal: takes them all again
+    assert len(_take(control, 3)) == 3
+    control.close()
