@@ -22,8 +22,8 @@ from models.errors import NotFitted, UnknownName
 # torch flags CSR tensors as beta; labloop uses only CSR @ dense, which is stable.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-__all__ = ["DeepEnsemble", "OnlineLearner", "TanimotoGP", "default_device", "make_learner", "pack_rows", "unpack_rows",
-           "LEARNERS"]
+__all__ = ["DeepEnsemble", "OnlineLearner", "RowPacker", "TanimotoGP", "default_device", "make_learner", "pack_rows",
+           "unpack_rows", "LEARNERS"]
 
 
 def pack_rows(X: np.ndarray) -> dict[str, Any]:
@@ -31,6 +31,43 @@ def pack_rows(X: np.ndarray) -> dict[str, Any]:
     X = np.asarray(X, dtype=np.float32)
     r, c = np.nonzero(X)
     return {"shape": X.shape, "r": r.astype(np.int32), "c": c.astype(np.int32), "v": X[r, c]}
+
+
+class RowPacker:
+    """:func:`pack_rows` for a matrix that only grows: rows packed before are not scanned again.
+
+    ``base`` is the array the rows live in (a growing buffer, or the matrix itself); another
+    base, or fewer rows than packed, means the rows changed: pack them all again.
+    """
+
+    def __init__(self) -> None:
+        self._base: Any = None
+        self._packed: dict[str, Any] | None = None
+
+    def pack(self, X: np.ndarray, base: np.ndarray) -> dict[str, Any]:
+        p = self._packed
+        if p is None or self._base is None or self._base() is not base or X.shape[0] < p["shape"][0]:
+            p = pack_rows(X)
+        elif X.shape[0] > p["shape"][0]:
+            n = p["shape"][0]
+            new = pack_rows(X[n:])
+            p = {"shape": X.shape, "r": np.concatenate([p["r"], new["r"] + n]), "c": np.concatenate([p["c"], new["c"]]),
+                 "v": np.concatenate([p["v"], new["v"]])}
+        self._base, self._packed = weakref.ref(base), p
+        return p
+
+    def appended(self, before: np.ndarray, after: np.ndarray, rows: dict[str, Any]) -> None:
+        """``after`` is ``before`` plus rows already packed as ``rows`` (packed off the caller's
+        critical path): extend the pack without scanning ``after``; otherwise pack lazily later."""
+        p, n = self._packed, before.shape[0]
+        if n == 0:
+            p = rows
+        elif p is not None and self._base is not None and self._base() is before and p["shape"][0] == n:
+            p = {"shape": after.shape, "r": np.concatenate([p["r"], rows["r"] + n]), "c": np.concatenate([p["c"], rows["c"]]),
+                 "v": np.concatenate([p["v"], rows["v"]])}
+        else:
+            return
+        self._base, self._packed = weakref.ref(after), {**p, "shape": after.shape}
 
 
 def unpack_rows(p: dict[str, Any]) -> np.ndarray:
@@ -102,6 +139,27 @@ def _tanimoto(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor, b_sq: torch.
     return torch.where(denom > 0, dot / denom.clamp_min(1e-12), torch.ones_like(dot))
 
 
+Rows = tuple[torch.Tensor, torch.Tensor]  # fingerprint rows ready for products: (CSR or dense float32, squared norms)
+
+
+def _prepare_rows(X: np.ndarray, device: torch.device) -> Rows:
+    """Fingerprint rows ``X`` (``m x d``) as an operand for :func:`_tanimoto_prepared`: sparse CSR on
+    CPU, dense on CUDA, with their squared norms (float64; exact, the counts are small integers)."""
+    X = np.asarray(X, dtype=np.float32)
+    Xs = torch.from_numpy(X).to(device)
+    if device.type == "cpu":
+        return Xs.to_sparse_csr(), torch.from_numpy(np.einsum("ij,ij->i", X, X).astype(np.float64))
+    return Xs, (Xs * Xs).sum(1).double()
+
+
+def _tanimoto_prepared(rows: Rows, Tt32: torch.Tensor, t_sq: torch.Tensor) -> torch.Tensor:
+    """Tanimoto similarity of prepared rows to the columns of ``Tt32`` (``d x n`` float32, squared norms ``t_sq``)."""
+    Xs, sq = rows
+    dot = (torch.sparse.mm(Xs, Tt32) if Xs.layout == torch.sparse_csr else Xs @ Tt32).double()
+    denom = sq[:, None] + t_sq[None, :] - dot
+    return torch.where(denom > 0, dot / denom.clamp_min(1e-12), torch.ones_like(dot))
+
+
 def _tanimoto_rows(X: np.ndarray, Tt32: torch.Tensor, t_sq: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Tanimoto similarity of fingerprint rows ``X`` (``m x d``) to the columns of ``Tt32``
     (``d x n``, float32) whose squared norms are ``t_sq``: ``m x n`` float64.
@@ -111,14 +169,19 @@ def _tanimoto_rows(X: np.ndarray, Tt32: torch.Tensor, t_sq: torch.Tensor, device
     10,560 x 1,000). Counts are small integers, so float32 dot products are exact while they
     stay below 2**24.
     """
-    Xs = torch.from_numpy(np.asarray(X, dtype=np.float32)).to(device)
-    if device.type == "cpu":
-        dot = torch.sparse.mm(Xs.to_sparse_csr(), Tt32).double()
-    else:
-        dot = (Xs @ Tt32).double()
-    sq = (Xs.double() ** 2).sum(1)
-    denom = sq[:, None] + t_sq[None, :] - dot
-    return torch.where(denom > 0, dot / denom.clamp_min(1e-12), torch.ones_like(dot))
+    return _tanimoto_prepared(_prepare_rows(X, device), Tt32, t_sq)
+
+
+_BACKGROUND: list[Any] = []
+
+
+def _background() -> Any:
+    """One thread shared by all learners for work off an update's critical path."""
+    if not _BACKGROUND:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _BACKGROUND.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-landmarks"))
+    return _BACKGROUND[0]
 
 
 class TanimotoGP(OnlineLearner):
@@ -134,23 +197,27 @@ class TanimotoGP(OnlineLearner):
     Past ``exact_max`` compounds (a long or replayed campaign) it switches to a
     Nyström approximation on ``landmarks`` training compounds (a deterministic
     random subset, re-drawn when ``n`` has grown fourfold): a deterministic
-    training conditional (DTC) GP whose update costs ``O(n L^2)`` and whose
-    predictions ``O(m L^2)``, with the pool's landmark features cached between
+    training conditional (DTC) GP. Its sufficient statistics (the landmark Gram
+    ``sum phi phi^T`` and ``sum phi y`` over measurements) are accumulated as data
+    arrive, so an update costs ``O(n_new L^2 + L^3)`` however long the campaign,
+    and predictions ``O(m L^2)`` with the pool's landmark features cached between
     updates. Replicates weigh by their count. Beyond ``max_train`` compounds it
-    keeps the best half and the most recent half.
+    keeps the best half and the most recent half (and re-accumulates).
 
     Args:
         device: ``"cpu"`` or ``"cuda"``; ``None`` picks CUDA when present.
         max_train: cap on the stored training set.
         exact_max: largest training set fitted exactly.
         landmarks: inducing compounds of the approximation.
+        background_redraw: prepare re-drawn landmarks on a background thread (the model
+            switches one update later, so results depend on timing); False = at once, reproducible.
     """
 
     name = "gp"
     _RATIOS = np.logspace(-3, 0.5, 24)
 
     def __init__(self, device: str | None = None, max_train: int = 50_000, exact_max: int = 700,
-                 landmarks: int = 256) -> None:
+                 landmarks: int = 256, background_redraw: bool = True) -> None:
         self.device = torch.device(device or default_device())
         self.max_train = max_train
         self.exact_max = exact_max
@@ -158,9 +225,18 @@ class TanimotoGP(OnlineLearner):
         self._Z: np.ndarray | None = None  # landmark fingerprints
         self._z_at = 0  # n when the landmarks were drawn
         self._z_version = 0
-        self._Phi: torch.Tensor | None = None  # landmark features of the training rows, in row order
-        self._pool_cache: tuple[Any, int, torch.Tensor] | None = None
-        self._X = np.zeros((0, 0), dtype=np.float32)
+        self.background_redraw = background_redraw
+        self._redraw_job: tuple[Any, ...] | None = None  # landmarks being prepared in the background
+        self._since_redraw: list[tuple[np.ndarray, np.ndarray]] = []  # measurements since that began
+        # DTC sufficient statistics over all measurements for the current landmarks: sum phi phi^T,
+        # sum phi y, sum phi (None = accumulate again from the stored rows).
+        self._stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._new: tuple[np.ndarray, np.ndarray] | None = None  # this update's measurements (X, y)
+        # pool rows (weakref), landmarks version, prepared rows, landmark features (float32), prior variance
+        self._pool_cache: tuple[Any, int, list[Rows], torch.Tensor, torch.Tensor] | None = None
+        self._X = np.zeros((0, 0), dtype=np.float32)  # a view of _buf: rows grow without copying each time
+        self._buf = self._X
+        self._packer = RowPacker()  # checkpoints pack only the rows added since the last one
         self._y = np.zeros(0, dtype=np.float64)
         self._n = np.zeros(0, dtype=np.int64)  # measurements behind each row
         self._rows: dict[int, int] = {}  # compound key -> row
@@ -181,7 +257,7 @@ class TanimotoGP(OnlineLearner):
         if not np.all(np.isfinite(y)):
             raise ValueError("y contains NaN or infinite values")
         if self._X.size == 0:
-            self._X = np.zeros((0, X.shape[1]), dtype=np.float32)
+            self._X = self._buf = np.zeros((0, X.shape[1]), dtype=np.float32)
         if keys is None:  # anonymous rows: each one a new compound
             keys = np.arange(self._seen, self._seen + y.shape[0]) + (1 << 62)
         pos = np.empty(y.shape[0], dtype=np.int64)
@@ -200,7 +276,7 @@ class TanimotoGP(OnlineLearner):
         np.add.at(sums, pos, y)
         np.add.at(counts, pos, 1)
         if fresh:
-            self._X = np.concatenate([self._X, X[fresh]])
+            self._append_rows(X[fresh])
         self._n, self._y = counts, sums / counts
         self._seen += int(y.shape[0])
         if self._y.shape[0] > self.max_train:
@@ -210,10 +286,24 @@ class TanimotoGP(OnlineLearner):
             best = rest[np.argsort(-self._y[rest], kind="stable")[: self.max_train - half]]
             keep = np.sort(np.concatenate([best, recent]))
             self._X, self._y, self._n = self._X[keep], self._y[keep], self._n[keep]
+            self._buf = self._X
             by_row = {i: k for k, i in self._rows.items()}
             self._rows = {by_row[int(old)]: new for new, old in enumerate(keep)}
-            self._Phi = None  # rows moved: featurize again
-        self._refit()
+            self._stats = self._redraw_job = None  # rows dropped: accumulate again
+        self._new = (X, y)
+        try:
+            self._refit()
+        finally:
+            self._new = None
+
+    def _append_rows(self, rows: np.ndarray) -> None:
+        n, k = self._X.shape[0], rows.shape[0]
+        if n + k > self._buf.shape[0]:
+            buf = np.empty((max(2 * self._buf.shape[0], n + k, 64), rows.shape[1]), dtype=np.float32)
+            buf[:n] = self._X
+            self._buf = buf
+        self._buf[n : n + k] = rows
+        self._X = self._buf[: n + k]
 
     def _refit(self) -> None:
         if self._y.shape[0] > self.exact_max:
@@ -222,48 +312,122 @@ class TanimotoGP(OnlineLearner):
             self._refit_exact()
 
     # ---- Nyström (DTC) path -------------------------------------------------------------
-    def _landmark_features(self, X: np.ndarray, chunk: int = 4096) -> torch.Tensor:
-        """``phi(x) = L_Z^-1 k_Z(x)``: ``len(X) x L`` float64, so that ``phi(x).phi(x')`` approximates k."""
-        f = self._zfit
+    def _landmark_features(self, X: np.ndarray | list[Rows], chunk: int = 4096,
+                           zfit: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``phi(x) = L_Z^-1 k_Z(x)``: ``len(X) x L`` float64, so that ``phi(x).phi(x')`` approximates k.
+        ``X`` is fingerprint rows, or the chunks :func:`_prepare_rows` made of them; ``zfit`` the
+        landmarks (default: the current ones)."""
+        f = zfit if zfit is not None else self._zfit
+        parts = X if isinstance(X, list) else [_prepare_rows(X[s : s + chunk], self.device)
+                                               for s in range(0, X.shape[0], chunk)]
         out = []
-        for start in range(0, X.shape[0], chunk):
-            K = _tanimoto_rows(X[start : start + chunk], f["Zt32"], f["zsq"], self.device)
+        for rows in parts:
+            K = _tanimoto_prepared(rows, f["Zt32"], f["zsq"])
             out.append(torch.linalg.solve_triangular(f["Lz"], K.T, upper=False).T)
         return torch.cat(out) if out else torch.zeros((0, f["Lz"].shape[0]), dtype=torch.float64, device=self.device)
 
     def _draw_landmarks(self) -> None:
         n = self._y.shape[0]
         pick = np.sort(np.random.default_rng(n).choice(n, size=min(self.landmarks, n), replace=False))
-        self._set_landmarks(self._X[pick], n)
+        self._set_landmarks(self._X[pick].copy(), n)
 
-    def _set_landmarks(self, Z: np.ndarray, z_at: int) -> None:
-        self._Z, self._z_at = Z, z_at
-        self._z_version += 1
+    def _zfit_of(self, Z: np.ndarray) -> dict[str, torch.Tensor]:
         Zt = torch.from_numpy(Z).to(self.device, torch.float64)
         zsq = (Zt * Zt).sum(1)
         Kzz = _tanimoto(Zt, Zt, zsq, zsq) + 1e-6 * torch.eye(Z.shape[0], dtype=torch.float64, device=self.device)
-        self._zfit = {"Lz": torch.linalg.cholesky(Kzz), "Zt32": Zt.float().T.contiguous(), "zsq": zsq}
-        self._Phi = None
+        return {"Lz": torch.linalg.cholesky(Kzz), "Zt32": Zt.float().T.contiguous(), "zsq": zsq}
+
+    def _set_landmarks(self, Z: np.ndarray, z_at: int, zfit: dict[str, torch.Tensor] | None = None) -> None:
+        self._Z, self._z_at = Z, z_at
+        self._z_version += 1
+        self._zfit = zfit if zfit is not None else self._zfit_of(Z)
+        self._stats = None
+
+    def _redraw_landmarks(self) -> bool:
+        """New landmarks for a grown training set, without stalling the updates that need the model now.
+
+        A background thread computes, under the new landmarks, the pool's features and the
+        training statistics of the rows as they were when it started; updates go on with the old
+        landmarks meanwhile and remember their measurements. The first update after the thread
+        finished switches, adding those measurements (``O(n_new L^2)``). Without a cached pool
+        (nothing predicted yet) the switch is immediate. Returns True when the statistics are
+        already complete for this update.
+        """
+        job = self._redraw_job
+        if job is None:
+            cache = self._pool_cache
+            pool = cache[0]() if cache is not None else None
+            n = self._y.shape[0]
+            pick = np.sort(np.random.default_rng(n).choice(n, size=min(self.landmarks, n), replace=False))
+            Z = self._X[pick].copy()
+            zfit = self._zfit_of(Z)
+            if not self.background_redraw or cache is None or pool is None:
+                self._set_landmarks(Z, n, zfit)
+                return False
+            prepared = cache[2]
+            X, c, ysum = self._X, self._n.astype(np.float64), self._y * self._n  # rows only grow: a view is stable
+
+            def work() -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+                Phi = self._landmark_features(X, 4096, zfit)
+                ct, yt = torch.from_numpy(c).to(self.device), torch.from_numpy(ysum).to(self.device)
+                return ((Phi * ct[:, None]).T @ Phi, Phi.T @ yt, Phi.T @ ct), self._landmark_features(prepared, 4096, zfit)
+
+            self._redraw_job = (Z, n, zfit, cache[0], prepared, _background().submit(work))
+            self._since_redraw = []
+            return False
+        assert self._new is not None
+        self._since_redraw.append(self._new)
+        Z, z_at, zfit, pool_ref, prepared, fut = job
+        if not fut.done():
+            return False
+        self._redraw_job = None
+        (G, b, s0), Phi = fut.result()
+        self._set_landmarks(Z, z_at, zfit)
+        for X_new, y_new in self._since_redraw:  # measurements that arrived while the thread worked
+            phi = self._landmark_features(X_new)
+            G, b, s0 = G + phi.T @ phi, b + phi.T @ torch.from_numpy(y_new).to(self.device, torch.float64), s0 + phi.sum(0)
+        self._since_redraw = []
+        self._stats = (G, b, s0)
+        if pool_ref() is not None:
+            self._pool_cache = (pool_ref, self._z_version, prepared, Phi.float(), (1.0 - (Phi * Phi).sum(1)).clamp_min(0.0))
+        return True
+
+    def _gram_stats(self, complete: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(sum phi phi^T, sum phi y, sum phi)`` over every measurement, kept up to date
+        (``complete``: they already hold this update's measurements)."""
+        if complete and self._stats is not None:
+            return self._stats
+        if self._stats is None or self._new is None:  # from the stored rows: each row weighs by its count
+            Phi = self._landmark_features(self._X)
+            c = torch.from_numpy(self._n.astype(np.float64)).to(self.device)
+            y = torch.from_numpy(self._y * self._n).to(self.device, torch.float64)
+            self._stats = ((Phi * c[:, None]).T @ Phi, Phi.T @ y, Phi.T @ c)
+        else:  # add this update's measurements only
+            X_new, y_new = self._new
+            phi = self._landmark_features(X_new)
+            G, b, s0 = self._stats
+            self._stats = (G + phi.T @ phi, b + phi.T @ torch.from_numpy(y_new).to(self.device, torch.float64),
+                           s0 + phi.sum(0))
+        return self._stats
 
     def _refit_nystrom(self) -> None:
         n = self._y.shape[0]
-        if self._Z is None or n > 4 * self._z_at:
+        if self._Z is None:
             self._draw_landmarks()
         elif not hasattr(self, "_zfit"):
             self._set_landmarks(self._Z, self._z_at)
-        done = 0 if self._Phi is None else self._Phi.shape[0]
-        new = self._landmark_features(self._X[done:])
-        self._Phi = new if self._Phi is None or done == 0 else torch.cat([self._Phi, new])
-        Phi = self._Phi
-        c = torch.from_numpy(self._n.astype(np.float64)).to(self.device)
-        mu = float(np.average(self._y, weights=self._n))
-        sd = float(np.sqrt(np.average((self._y - mu) ** 2, weights=self._n))) or 1.0
-        yt = torch.from_numpy((self._y - mu) / sd).to(self.device, torch.float64)
-        lam, V = torch.linalg.eigh((Phi * c[:, None]).T @ Phi)
+        complete = False
+        if n > 4 * self._z_at or self._redraw_job is not None:
+            complete = self._redraw_landmarks()
+        G, b, s0 = self._gram_stats(complete)
+        w = self._n.astype(np.float64)
+        mu = float(np.average(self._y, weights=w))
+        sd = float(np.sqrt(np.average((self._y - mu) ** 2, weights=w))) or 1.0
+        lam, V = torch.linalg.eigh(G)
         lam = lam.clamp_min(0.0)
-        u = V.T @ (Phi.T @ (c * yt))
-        yCy = float((c * yt * yt).sum())
-        log_c = float(torch.log(c).sum())
+        u = V.T @ ((b - mu * s0) / sd)  # V^T Phi^T C y_standardized
+        yCy = float((w * ((self._y - mu) / sd) ** 2).sum())
+        log_c = float(np.log(w).sum())
         best: tuple[float, float, float] | None = None
         for r in self._RATIOS:
             quad = (yCy - float((u * u / (lam + r)).sum())) / float(r)
@@ -281,15 +445,21 @@ class TanimotoGP(OnlineLearner):
         assert f is not None
         cache = self._pool_cache
         if cache is not None and cache[0]() is X and cache[1] == f["z_version"]:
-            Phi = cache[2]
+            Phi32, prior = cache[3], cache[4]
         else:
-            Phi = self._landmark_features(X)
+            # The pool's sparse form outlives new landmarks: a redraw only redoes the products.
+            prepared = cache[2] if cache is not None and cache[0]() is X else \
+                [_prepare_rows(X[s : s + 4096], self.device) for s in range(0, X.shape[0], 4096)]
+            Phi = self._landmark_features(prepared)
+            Phi32, prior = Phi.float(), (1.0 - (Phi * Phi).sum(1)).clamp_min(0.0)
             try:
-                self._pool_cache = (weakref.ref(X), f["z_version"], Phi)
+                self._pool_cache = (weakref.ref(X), f["z_version"], prepared, Phi32, prior)
             except TypeError:  # not weak-referenceable (a view): no caching
                 self._pool_cache = None
-        mean = Phi @ f["w"]
-        var = (1.0 - (Phi * Phi).sum(1)).clamp_min(0.0) + f["ratio"] * ((Phi @ f["Wv"]) ** 2).sum(1)
+        # float32 for the m x L x L product (the cost of a pool rescoring); the sums stay float64
+        mean = (Phi32 @ f["w"].float()).double()
+        proj = Phi32 @ f["Wv"].float()
+        var = prior + f["ratio"] * (proj * proj).sum(1).double()
         return (mean * f["sd"] + f["mu"]).cpu().numpy(), (torch.sqrt(var * f["s2"]) * f["sd"]).cpu().numpy()
 
     # ---- exact path ---------------------------------------------------------------------
@@ -343,15 +513,18 @@ class TanimotoGP(OnlineLearner):
         """Pickled for checkpoints: the fit itself is kept (no refit on restore), caches that
         are cheap to rebuild are not, and the training fingerprints travel sparse."""
         state = self.__dict__.copy()
-        state["_pool_cache"] = None
-        state["_Phi"] = None  # recomputed from _X on the next update (O(n L))
-        state["_X"] = pack_rows(self._X)
+        state["_pool_cache"] = state["_redraw_job"] = None
+        state["_since_redraw"] = []
+        state["_X"] = self._packer.pack(self._X, self._buf)
+        state["_buf"] = state["_packer"] = None
         if self._fit is not None:
             state["_fit"] = {k: v for k, v in self._fit.items() if k not in ("Xt", "Xt32")}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state["_X"] = unpack_rows(state["_X"])
+        state["_buf"] = state["_X"]
+        state["_packer"] = RowPacker()
         self.__dict__.update(state)
         if self._fit is not None and self._fit["kind"] == "exact":
             self._fit["Xt"] = torch.from_numpy(self._X).to(self.device, torch.float64)
@@ -366,13 +539,13 @@ class TanimotoGP(OnlineLearner):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.max_train = int(state["max_train"])
-        self._X = np.asarray(state["X"], dtype=np.float32)
+        self._X = self._buf = np.asarray(state["X"], dtype=np.float32)
         self._y = np.asarray(state["y"], dtype=np.float64)
         self._n = np.asarray(state["n"], dtype=np.int64)
         self._seen = int(state["seen"])
         self._rows = {int(k): i for i, k in enumerate(state["keys"])}
         self.exact_max, self.landmarks = int(state["exact_max"]), int(state["landmarks"])
-        self._Phi, self._pool_cache = None, None
+        self._stats, self._pool_cache = None, None
         if state["Z"] is not None:
             self._set_landmarks(np.asarray(state["Z"], dtype=np.float32), int(state["z_at"]))
         self._fit = None

@@ -6,11 +6,12 @@ this class, so the stream and the benchmark run the same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from models.acquisition import Policy, RandomPolicy, make_policy
-from models.learners import OnlineLearner, make_learner, pack_rows, unpack_rows
+from models.learners import OnlineLearner, RowPacker, make_learner, unpack_rows
 
 __all__ = ["AVAILABLE", "FAILED", "MEASURED", "PENDING", "Proposal", "PoolState", "round_targets"]
 
@@ -72,23 +73,28 @@ class PoolState:
         self._new: list[int] = []
         self.model_version = 0
         self._pred: tuple[np.ndarray, np.ndarray] | None = None
+        self._packer = RowPacker()
 
     @property
     def size(self) -> int:
         return int(self.X.shape[0])
 
     def __getstate__(self) -> dict[str, object]:
-        """Pickled for checkpoints: everything, with the pool's fingerprints sparse."""
-        return {**self.__dict__, "X": pack_rows(self.X)}
+        """Pickled for checkpoints: everything, with the pool's fingerprints sparse (packed once per pool)."""
+        return {**self.__dict__, "X": self._packer.pack(self.X, self.X), "_packer": None}
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update({**state, "X": unpack_rows(state["X"])})  # type: ignore[arg-type]
+        self.__dict__.update({**state, "X": unpack_rows(state["X"]), "_packer": RowPacker()})  # type: ignore[arg-type]
 
-    def add(self, X: np.ndarray) -> np.ndarray:
-        """Append candidates; returns their pool positions."""
+    def add(self, X: np.ndarray, packed: dict[str, Any] | None = None) -> np.ndarray:
+        """Append candidates; returns their pool positions. ``packed``: the rows as
+        :func:`~models.learners.pack_rows` gives them, when the caller has it (checkpoints reuse it)."""
         X = np.asarray(X, dtype=np.float32)
         start = self.size
+        before = self.X
         self.X = X.copy() if start == 0 else np.concatenate([self.X, X])
+        if packed is not None:
+            self._packer.appended(before, self.X, packed)
         self.status = np.concatenate([self.status, np.zeros(X.shape[0], dtype=np.int8)])
         self.values = np.concatenate([self.values, np.full(X.shape[0], np.nan)])
         self._pred = None

@@ -9,15 +9,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from models import PoolState
 from models.loop import FAILED, MEASURED, PENDING
-from schemas import InvalidEvent
+from schemas import Codec, InvalidEvent
+from schemas.codec import avro_string
 from schemas.types import Record
 
-__all__ = ["DEFAULTS", "CampaignDefaults", "CampaignRuntime", "Emit", "PREDICTION_CHUNK", "Update", "now_ms"]
+__all__ = ["DEFAULTS", "CampaignDefaults", "CampaignRuntime", "Emit", "PREDICTION_CHUNK", "PredictionWriter", "Raw",
+           "Update", "now_ms"]
 
 PREDICTION_CHUNK = 2000  # items per Prediction message: ~60 kB, well under broker limits
 
@@ -56,6 +59,58 @@ class Emit:
     role: str
     name: str
     record: Record
+
+
+@dataclass(frozen=True)
+class Raw:
+    """An event already encoded (off the event loop): topic role and bytes (keyed by ``campaign_id``)."""
+
+    role: str
+    value: bytes
+
+
+class PredictionWriter:
+    """Encodes a campaign's Prediction events with NumPy: the fast path for a pool rescoring.
+
+    A Prediction item is the compound id (fixed per pool row) and two doubles. For each chunk of
+    the pool the writer keeps a byte template holding the encoded ids, with the places of the
+    doubles; an update only writes the new means and deviations into a copy (~1 ms for 10k
+    rows, against ~15 ms through fastavro, measured here). The bytes read back exactly like
+    :meth:`Codec.encode`'s (tests/test_codec.py). Used from one model thread per campaign.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self._templates: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _template(self, ids: list[str], s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (s, e)
+        if key not in self._templates:
+            pre = [avro_string(c) for c in ids[s:e]]
+            lens = np.array([len(b) for b in pre], dtype=np.int64)
+            starts = np.concatenate([[0], np.cumsum(lens + 16)[:-1]])  # where item i begins
+            buf = np.zeros(int(lens.sum()) + 16 * (e - s), dtype=np.uint8)
+            at_id = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+            buf[at_id] = np.frombuffer(b"".join(pre), dtype=np.uint8)
+            at_val = (starts + lens)[:, None] + np.arange(16)[None, :]  # 16 bytes after each id
+            self._templates[key] = (buf, at_val.ravel())
+        return self._templates[key]
+
+    def encode(self, campaign_id: str, assay_id: str, version: int, ids: list[str], mean: np.ndarray,
+               std: np.ndarray, t: int) -> list[bytes]:
+        """Prediction messages (``PREDICTION_CHUNK`` items each) for pool rows ``0..len(mean)-1``."""
+        out = []
+        for s in range(0, int(mean.shape[0]), PREDICTION_CHUNK):
+            e = min(s + PREDICTION_CHUNK, int(mean.shape[0]))
+            buf, at_val = self._template(ids, s, e)
+            vals = np.empty((e - s, 2), dtype="<f8")
+            vals[:, 0], vals[:, 1] = mean[s:e], std[s:e]
+            items = buf.copy()
+            items[at_val] = vals.view(np.uint8).ravel()
+            out.append(self.codec.encode_with_items("Prediction", {
+                "campaign_id": campaign_id, "model_version": version, "assay_id": assay_id, "event_time": t,
+                "items": None}, items.tobytes(), e - s))
+        return out
 
 
 @dataclass(frozen=True)
@@ -118,8 +173,9 @@ class CampaignRuntime:
             self.pool = PoolState(X, maximize=record["direction"] == "MAXIMIZE", learner=record["learner"],
                                   policy=record["policy"], seed=int(record["seed"]), device=self.device)
 
-    def add_compounds(self, records: list[Record], X: np.ndarray) -> int:
-        """Add featurized compounds (row ``i`` of ``X`` for ``records[i]``); returns how many were new."""
+    def add_compounds(self, records: list[Record], X: np.ndarray, packed: dict[str, Any] | None = None) -> int:
+        """Add featurized compounds (row ``i`` of ``X`` for ``records[i]``); returns how many were new.
+        ``packed``: ``X`` packed for checkpoints (used when every row is new)."""
         keep = [i for i, r in enumerate(records) if r["compound_id"] not in self.index]
         fresh: dict[str, int] = {}
         rows = []
@@ -136,7 +192,7 @@ class CampaignRuntime:
         self.index.update(fresh)
         Xn = X[rows]
         if self.pool is not None:
-            self.pool.add(Xn)
+            self.pool.add(Xn, packed if len(rows) == X.shape[0] else None)
         else:
             self._staged.append(Xn)
         return len(rows)
@@ -260,12 +316,31 @@ class CampaignRuntime:
         return Update(work[0], work[1], work[2], work[3], self.n_readings, dict(self.applied_offsets))
 
     def commit_update(self, update: Update, pred: tuple[np.ndarray, np.ndarray], train_s: float,
-                      device: str) -> list[Emit]:
-        """Install a finished fit and describe it (ModelUpdate + Predictions)."""
+                      device: str, predictions: bool = True) -> list[Emit]:
+        """Install a finished fit and describe it: ModelUpdate, and Predictions unless the caller
+        built them itself (:meth:`prediction_records`, for version ``pool.model_version + 1``)."""
         assert self.pool is not None
         self.pool.commit(pred)
         self.model_offsets[self.pool.model_version] = update.offsets
-        return self.model_events(train_s, int(update.X_new.shape[0]), device, n_readings=update.n_readings)
+        return self.model_events(train_s, int(update.X_new.shape[0]), device, predictions=predictions,
+                                 n_readings=update.n_readings)
+
+    def prediction_records(self, version: int, mean: np.ndarray, std: np.ndarray, t: int) -> list[Record]:
+        """Prediction events (chunks of ``PREDICTION_CHUNK`` items) for pool rows ``0..len(mean)-1``.
+
+        Reads only what never changes for existing rows (compound ids, the objective), so a
+        model thread may call it while the event loop adds compounds.
+        """
+        assert self.definition is not None
+        ids, assay, n = self.compound_ids, self.definition["objective_assay_id"], int(mean.shape[0])
+        out = []
+        for s in range(0, n, PREDICTION_CHUNK):
+            e = min(s + PREDICTION_CHUNK, n)
+            items = [{"compound_id": c, "mean": m, "std": sd}
+                     for c, m, sd in zip(ids[s:e], mean[s:e].tolist(), std[s:e].tolist(), strict=True)]
+            out.append({"campaign_id": self.campaign_id, "model_version": version, "assay_id": assay, "event_time": t,
+                        "items": items})
+        return out
 
     def processed(self, topic: str, partition: int, offset: int) -> None:
         """Record that a reading-carrying message was processed (in partition order)."""
@@ -307,12 +382,7 @@ class CampaignRuntime:
             "n_readings": n_readings, "trained_on": self.model_offsets.get(pool.model_version, {}), "event_time": t})]
         if predictions and pool.learner.n_seen:
             mean, std = pool.predict_pool()
-            for s in range(0, pool.size, PREDICTION_CHUNK):
-                items = [{"compound_id": self.compound_ids[i], "mean": float(mean[i]), "std": float(std[i])}
-                         for i in range(s, min(s + PREDICTION_CHUNK, pool.size))]
-                out.append(Emit("predictions", "Prediction", {
-                    "campaign_id": self.campaign_id, "model_version": pool.model_version,
-                    "assay_id": self.definition["objective_assay_id"], "event_time": t, "items": items}))
+            out += [Emit("predictions", "Prediction", r) for r in self.prediction_records(pool.model_version, mean, std, t)]
         if done:
             self.done_announced = True
         return out

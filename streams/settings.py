@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".labloop")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     worker_batch: int = Field(2000, description="max events per micro-batch")
-    worker_batch_window_s: float = Field(0.05, description="max wait to fill a micro-batch (a backlog fills it at once)")
+    worker_batch_window_s: float = Field(0.01, description="max wait to fill a micro-batch (a backlog fills it at once)")
     sink_batch_rows: int = 50_000
     sink_flush_s: float = 0.5
     sink_exactly_once: bool = Field(True, description="skip rows already stored after a crash; dedup tokens (off only for fault-test controls)")

@@ -33,12 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
+import numpy as np
 
 from models import FeatureSpec, ModelError, parse_many
 from models.chem import featurize_mols
+from models.learners import pack_rows
 from schemas import TOPICS, Codec, LabloopError
 from schemas.types import Record
-from streams.campaign import CampaignRuntime, Emit, now_ms
+from streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms
 from streams.checkpoint import CheckpointStore
 from streams.settings import Settings
 
@@ -77,6 +79,8 @@ class LabloopWorker:
         self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-model")
         self.chem_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-chem")
         self.updaters: dict[str, asyncio.Task[None]] = {}
+        self.prediction_writers: dict[str, PredictionWriter] = {}
+        self.sending: dict[str, asyncio.Future[None]] = {}  # per campaign: the last batch of events handed to send
         # Checkpoints: per input topic-partition, every message below the floor was handled; a campaign
         # is "busy" from deciding something (a fit, requests, expiries) until it is sent, and a paused
         # campaign starts nothing new, so its snapshot never holds a half-applied fit or an unsent request.
@@ -84,7 +88,9 @@ class LabloopWorker:
         self.floors: dict[tuple[str, int], int] = {}
         self.busy: dict[str, int] = defaultdict(int)
         self.paused: set[str] = set()
-        self.dirty = False
+        self.dirty = False  # anything handled since the last checkpoint
+        self.changed: set[str] = set()  # campaigns whose state changed since their last snapshot
+        self.blobs: dict[str, bytes] = {}  # the last snapshot of each campaign
         self.topics = {role: app.topic(t.name, key_type=bytes, value_type=bytes, partitions=t.partitions)
                        for role, t in TOPICS.items()}
 
@@ -94,9 +100,10 @@ class LabloopWorker:
         return self.campaigns[campaign_id]
 
     # ---- output ---------------------------------------------------------------------------
-    async def emit(self, campaign_id: str, events: Iterable[Emit]) -> None:
+    async def emit(self, campaign_id: str, events: Iterable[Emit | Raw]) -> None:
         for e in events:
-            await self.topics[e.role].send(key=campaign_id.encode(), value=self.codec.encode(e.name, e.record))
+            value = e.value if isinstance(e, Raw) else self.codec.encode(e.name, e.record)
+            await self.topics[e.role].send(key=campaign_id.encode(), value=value)
 
     async def dead_letter(self, event: Any, stage: str, exc: BaseException) -> None:
         msg = event.message
@@ -122,9 +129,36 @@ class LabloopWorker:
         One updater per campaign at a time; data that arrives while it fits is taken by its
         next pass, so a backlog costs one update per fit, not one per micro-batch.
         """
+        self.changed.add(campaign_id)
         task = self.updaters.get(campaign_id)
         if task is None or task.done():
             self.updaters[campaign_id] = asyncio.ensure_future(self._updater(campaign_id))
+
+    def _fit_and_encode(self, rt: CampaignRuntime, update: Update, version: int) -> tuple[
+            tuple[np.ndarray, np.ndarray], list[bytes]]:
+        """On the model thread: update the learner, score the pool, encode the Prediction events."""
+        assert rt.pool is not None and rt.definition is not None
+        pred = rt.pool.fit(update.X_new, update.y_new, update.keys, update.X_pool)
+        writer = self.prediction_writers.setdefault(rt.campaign_id, PredictionWriter(self.codec))
+        return pred, writer.encode(rt.campaign_id, rt.definition["objective_assay_id"], version, rt.compound_ids,
+                                   pred[0], pred[1], now_ms())
+
+    def _send_in_order(self, campaign_id: str, events: list[Emit | Raw]) -> None:
+        """Send a campaign's events after those handed over before them, without waiting here (the
+        next fit starts meanwhile); the campaign stays busy, for checkpoints, until they are sent."""
+        prev = self.sending.get(campaign_id)
+
+        async def run() -> None:
+            try:
+                if prev is not None:
+                    await asyncio.wait([prev])
+                await self.emit(campaign_id, events)
+            except Exception:  # never silently: the events are lost for this run, the log says which
+                log.exception("sending %d event(s) of campaign %s failed", len(events), campaign_id)
+            finally:
+                self.busy[campaign_id] -= 1
+
+        self.sending[campaign_id] = asyncio.ensure_future(run())
 
     async def _updater(self, campaign_id: str) -> None:
         rt = self.campaign(campaign_id)
@@ -141,23 +175,25 @@ class LabloopWorker:
                         return
                     device = str(getattr(rt.pool.learner, "device", "cpu"))
                     update = rt.take_update()
+                    version = rt.pool.model_version + 1  # only this updater commits versions
                     self.busy[campaign_id] += 1
                     if update is None:
                         out = rt.requests_now(device)
+                        if out:
+                            self.changed.add(campaign_id)
                         break
                 try:
                     t0 = time.perf_counter()
-                    pred = await loop.run_in_executor(self.model_pool, rt.pool.fit, update.X_new, update.y_new,
-                                                      update.keys, update.X_pool)
+                    pred, raws = await loop.run_in_executor(self.model_pool, self._fit_and_encode, rt, update, version)
                     async with lock:
-                        events = rt.commit_update(update, pred, time.perf_counter() - t0, device)
-                    await self.emit(campaign_id, events)
-                finally:
+                        events = rt.commit_update(update, pred, time.perf_counter() - t0, device, predictions=False)
+                        assert rt.pool.model_version == version
+                        self.changed.add(campaign_id)
+                except BaseException:
                     self.busy[campaign_id] -= 1
-            try:
-                await self.emit(campaign_id, out)
-            finally:
-                self.busy[campaign_id] -= 1
+                    raise
+                self._send_in_order(campaign_id, [*events, *(Raw("predictions", r) for r in raws)])
+            self._send_in_order(campaign_id, list(out))
         except Exception:  # an updater must never die silently: log with the campaign, let the next tick retry
             log.exception("model update or request step of campaign %s failed", campaign_id)
 
@@ -188,20 +224,25 @@ class LabloopWorker:
                     if self.busy[campaign_id]:
                         continue
                     # Pickled on a thread with the lock held: handlers wait for this campaign only.
-                    return await loop.run_in_executor(self.chem_pool, pickle.dumps, self.campaigns[campaign_id],
+                    self.changed.discard(campaign_id)
+                    blob = await loop.run_in_executor(self.chem_pool, pickle.dumps, self.campaigns[campaign_id],
                                                       pickle.HIGHEST_PROTOCOL)
+                    self.blobs[campaign_id] = blob
+                    return blob
         finally:
             self.paused.discard(campaign_id)
 
     async def checkpoint(self) -> None:
         """Snapshot every campaign, make sure what they decided is in Kafka, then write the file."""
         store = self.checkpoints
-        if store is None or not self.dirty or not self.campaigns:
+        if store is None or not (self.dirty or self.changed) or not self.campaigns:
             return
         self.dirty = False
         t0 = time.perf_counter()
         floors = dict(self.floors)  # taken first: every later snapshot holds at least this much
-        blobs = {cid: await self._snapshot(cid) for cid in list(self.campaigns)}
+        # A campaign unchanged since its last snapshot keeps it: only active campaigns are pickled.
+        blobs = {cid: self.blobs[cid] if cid not in self.changed and cid in self.blobs else await self._snapshot(cid)
+                 for cid in list(self.campaigns)}
         await self.app.producer.flush()
         await asyncio.get_running_loop().run_in_executor(self.chem_pool, store.write, floors, blobs)
         log.info("checkpoint %d: %d campaign(s), %.1f MB in %.0f ms", store.written, len(blobs),
@@ -233,8 +274,9 @@ class LabloopWorker:
             for pos, err in zip(sorted(bad), errors, strict=True):
                 await self.dead_letter(items[pos][0], "validate", err)
             X = await loop.run_in_executor(self.chem_pool, featurize_mols, mols, self.spec)
+            packed = await loop.run_in_executor(self.chem_pool, pack_rows, X)  # for checkpoints, off the loop
             async with self.locks[cid]:
-                self.campaign(cid).add_compounds([items[i][1] for i in ok], X)
+                self.campaign(cid).add_compounds([items[i][1] for i in ok], X, packed)
             self.tick(cid)
 
     async def on_readings(self, events: list[Any]) -> None:
@@ -291,7 +333,7 @@ class LabloopWorker:
                 expired = rt.expire(now)
                 if expired:
                     self.busy[cid] += 1
-                    self.dirty = True
+                    self.changed.add(cid)
             if expired:
                 try:
                     await self.emit(cid, expired)

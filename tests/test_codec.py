@@ -165,3 +165,25 @@ def test_older_writer_in_history_is_read_as_current(tmp_path: Path, codec: Codec
     assert got.record == {**rec, "request_id": None}
     with pytest.raises(UnknownSchema):
         codec.decode(b"\xc3\x01" + fp + buf.getvalue())
+
+
+def test_the_numpy_prediction_writer_reads_like_the_codec(codec: Codec) -> None:
+    """The fast path for pool rescoring writes the same bytes as fastavro, chunked, ids of any length."""
+    import numpy as np
+
+    from streams.campaign import PREDICTION_CHUNK, PredictionWriter
+
+    rng = np.random.default_rng(1)
+    n = PREDICTION_CHUNK + 37
+    ids = [f"c{i}" + "é" * int(rng.integers(0, 80)) for i in range(n)]
+    mean, std = rng.normal(size=n), rng.random(n)
+    w = PredictionWriter(codec)
+    for version in (1, 2):  # the second call reuses the templates
+        msgs = w.encode("camp", "assay", version, ids, mean * version, std, 123)
+        assert len(msgs) == 2
+        for k, raw in enumerate(msgs):
+            s, e = k * PREDICTION_CHUNK, min((k + 1) * PREDICTION_CHUNK, n)
+            rec = {"campaign_id": "camp", "model_version": version, "assay_id": "assay", "event_time": 123,
+                   "items": [{"compound_id": ids[i], "mean": float(mean[i] * version), "std": float(std[i])}
+                             for i in range(s, e)]}
+            assert raw == codec.encode("Prediction", rec)

@@ -187,3 +187,30 @@ def test_nystrom_tracks_the_exact_gp() -> None:
     assert np.corrcoef(me, ma)[0, 1] > 0.9
     assert np.corrcoef(ma, y[300:])[0, 1] > 0.5
     assert (sa > 0).all()
+
+
+def test_gp_nystrom_statistics_stay_exact_through_background_landmark_redraws() -> None:
+    """Accumulated DTC statistics, and landmarks re-drawn on the background thread while updates
+    go on, give the same model as fitting every measurement from scratch on those landmarks."""
+    from models.learners import TanimotoGP
+
+    rng = np.random.default_rng(3)
+    pool = (rng.random((600, 64)) < 0.15).astype(np.float32) * rng.integers(1, 4, (600, 64)).astype(np.float32)
+    truth = pool[:, :6].sum(1)
+    g = TanimotoGP(device="cpu", exact_max=20, landmarks=16)
+    redraws, background = 0, 0
+    for _ in range(40):
+        keys = rng.integers(0, 600, 25)  # new compounds and replicates
+        job = g._redraw_job
+        if job is not None:
+            job[-1].result()  # let the thread finish: the next update switches
+        version = g._z_version
+        g.update(pool[keys], truth[keys] + rng.normal(0, 0.1, 25), keys)
+        g.predict(pool)
+        redraws += g._z_version != version
+        background += g._redraw_job is not None
+    assert redraws >= 3 and background >= 1  # the first draw, then redraws prepared on the thread
+    scratch = TanimotoGP(device="cpu", exact_max=20, landmarks=16)
+    scratch.load_state_dict(g.state_dict())  # same rows, counts and landmarks, statistics from scratch
+    for a, b in zip(g.predict(pool), scratch.predict(pool), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
