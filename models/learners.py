@@ -227,11 +227,11 @@ class TanimotoGP(OnlineLearner):
         self._z_version = 0
         self.background_redraw = background_redraw
         self._redraw_job: tuple[Any, ...] | None = None  # landmarks being prepared in the background
-        self._since_redraw: list[tuple[np.ndarray, np.ndarray]] = []  # measurements since that began
+        self._since_redraw: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # measurements since that began
         # DTC sufficient statistics over all measurements for the current landmarks: sum phi phi^T,
         # sum phi y, sum phi (None = accumulate again from the stored rows).
         self._stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._new: tuple[np.ndarray, np.ndarray] | None = None  # this update's measurements (X, y)
+        self._new: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # this update's measurements
         # pool rows (weakref), landmarks version, prepared rows, landmark features (float32), prior variance
         self._pool_cache: tuple[Any, int, list[Rows], torch.Tensor, torch.Tensor] | None = None
         self._X = np.zeros((0, 0), dtype=np.float32)  # a view of _buf: rows grow without copying each time
@@ -290,7 +290,9 @@ class TanimotoGP(OnlineLearner):
             by_row = {i: k for k, i in self._rows.items()}
             self._rows = {by_row[int(old)]: new for new, old in enumerate(keep)}
             self._stats = self._redraw_job = None  # rows dropped: accumulate again
-        self._new = (X, y)
+        # This update's measurements per compound (replicates summed): (rows, counts, sums of y).
+        _, first, inv = np.unique(pos, return_index=True, return_inverse=True)
+        self._new = (X[first], np.bincount(inv).astype(np.float64), np.bincount(inv, weights=y))
         try:
             self._refit()
         finally:
@@ -383,11 +385,11 @@ class TanimotoGP(OnlineLearner):
         self._redraw_job = None
         (G, b, s0), Phi = fut.result()
         self._set_landmarks(Z, z_at, zfit)
-        for X_new, y_new in self._since_redraw:  # measurements that arrived while the thread worked
-            phi = self._landmark_features(X_new)
-            G, b, s0 = G + phi.T @ phi, b + phi.T @ torch.from_numpy(y_new).to(self.device, torch.float64), s0 + phi.sum(0)
+        stats = (G, b, s0)
+        for new in self._since_redraw:  # measurements that arrived while the thread worked
+            stats = self._add_measurements(stats, *new)
         self._since_redraw = []
-        self._stats = (G, b, s0)
+        self._stats = stats
         if pool_ref() is not None:
             self._pool_cache = (pool_ref, self._z_version, prepared, Phi.float(), (1.0 - (Phi * Phi).sum(1)).clamp_min(0.0))
         return True
@@ -403,12 +405,17 @@ class TanimotoGP(OnlineLearner):
             y = torch.from_numpy(self._y * self._n).to(self.device, torch.float64)
             self._stats = ((Phi * c[:, None]).T @ Phi, Phi.T @ y, Phi.T @ c)
         else:  # add this update's measurements only
-            X_new, y_new = self._new
-            phi = self._landmark_features(X_new)
-            G, b, s0 = self._stats
-            self._stats = (G + phi.T @ phi, b + phi.T @ torch.from_numpy(y_new).to(self.device, torch.float64),
-                           s0 + phi.sum(0))
+            self._stats = self._add_measurements(self._stats, *self._new)
         return self._stats
+
+    def _add_measurements(self, stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor], X: np.ndarray,
+                          counts: np.ndarray, ysum: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Statistics plus measurements of compounds ``X`` (one row each; ``counts`` and ``ysum``
+        of their measurements): one feature row per compound, however many replicates."""
+        phi = self._landmark_features(X)
+        c = torch.from_numpy(counts).to(self.device)
+        G, b, s0 = stats
+        return G + (phi * c[:, None]).T @ phi, b + phi.T @ torch.from_numpy(ysum).to(self.device), s0 + phi.T @ c
 
     def _refit_nystrom(self) -> None:
         n = self._y.shape[0]

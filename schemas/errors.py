@@ -32,4 +32,11 @@ class WrongSchema(DecodeError):
 
 
 class InvalidEvent(LabloopError):
-    """Schema-valid, but the content is wrong (NaN value, unknown campaign, wrong unit...)."""
+    """Schema-valid, but the content is wrong (NaN value, unknown campaign, wrong unit...).
+
+    ``index``: which item of a batch it concerns, when it concerns one.
+    """
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index

@@ -331,6 +331,9 @@ def run_stream_bench(settings: Settings, cfg: StreamBenchConfig, console: Consol
             producer.flush(120)
             t_done = mon.wait_readings({cid: base + cfg.single_readings}, 900, stack)
             res["worker_messages_per_s"] = cfg.single_readings / (t_done - t0)
+            # (seconds since publishing began, readings the model had learned, that fit's seconds): where the time went
+            res["singles_progress"] = [(round(t - t0, 3), r["n_readings"] - base, round(r["train_s"], 3)) for t, r in mon.updates
+                                       if r["campaign_id"] == cid and t >= t0]
             res["faust_take_messages_per_s"] = _faust_take(stack.bootstrap, TOPICS["readings"].name, cfg.single_readings)
         mon.close()
 

@@ -202,7 +202,8 @@ class CampaignRuntime:
 
         Each record needs ``reading_id``, ``compound_id``, ``value`` and ``request_id``. A
         reading already applied (same ``reading_id``) changes nothing. Returns one error per
-        rejected reading; the others are applied.
+        rejected reading (its ``index`` in ``readings``), or one for all of them when the
+        campaign is unknown (``index`` None); the others are applied.
         """
         if self.definition is None or self.pool is None:
             ids = ", ".join(r["reading_id"] for r in readings[:3]) + (" ..." if len(readings) > 3 else "")
@@ -210,30 +211,30 @@ class CampaignRuntime:
         d = self.definition
         objective = assay_id == d["objective_assay_id"]
         if objective and unit != d["unit"]:
-            return [InvalidEvent(f"reading {r['reading_id']}: unit {unit!r}, campaign expects {d['unit']!r}")
-                    for r in readings]
+            return [InvalidEvent(f"reading {r['reading_id']}: unit {unit!r}, campaign expects {d['unit']!r}", k)
+                    for k, r in enumerate(readings)]
         index, seen, requests = self.index, self.seen_readings, self.requests
         errors: list[InvalidEvent] = []
         idx: list[int] = []
         vals: list[float] = []
-        for r in readings:
+        for k, r in enumerate(readings):
             rid = r["reading_id"]
             if rid in seen:
                 continue
             ci = index.get(r["compound_id"])
             if ci is None:
                 errors.append(InvalidEvent(
-                    f"reading {rid}: compound {r['compound_id']!r} is not in campaign {self.campaign_id!r}"))
+                    f"reading {rid}: compound {r['compound_id']!r} is not in campaign {self.campaign_id!r}", k))
                 continue
             v = r["value"]
             if not math.isfinite(v):
-                errors.append(InvalidEvent(f"reading {rid}: value {v} is not finite"))
+                errors.append(InvalidEvent(f"reading {rid}: value {v} is not finite", k))
                 continue
             req = r["request_id"]
             if req is not None:
                 rq = requests.get(req)
                 if rq is None:
-                    errors.append(InvalidEvent(f"reading {rid}: request {req!r} does not exist"))
+                    errors.append(InvalidEvent(f"reading {rid}: request {req!r} does not exist", k))
                     continue
                 rq.status = "COMPLETED"
             seen.add(rid)

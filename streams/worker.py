@@ -280,19 +280,37 @@ class LabloopWorker:
             self.tick(cid)
 
     async def on_readings(self, events: list[Any]) -> None:
-        """Single readings: decoded together, applied under one lock per campaign per micro-batch."""
+        """Single readings: decoded in one loop, applied per campaign, assay and unit in one call."""
         by_campaign: dict[str, list[tuple[Any, Record]]] = defaultdict(list)
-        async for ev, r in self.decoded(events, ("AssayReading",)):
+        decode = self.codec.decode
+        for ev in events:
+            try:
+                r = decode(ev.value, expect=("AssayReading",)).record
+            except LabloopError as exc:
+                await self.dead_letter(ev, "decode", exc)
+                continue
             by_campaign[r["campaign_id"]].append((ev, r))
         for cid, items in by_campaign.items():
             rejected: list[tuple[Any, LabloopError]] = []
             async with self.locks[cid]:
                 rt = self.campaign(cid)
-                for ev, r in items:
-                    rejected += [(ev, exc) for exc in rt.apply_readings(r["assay_id"], r["unit"], [r])]
-                    rt.processed(ev.message.topic, ev.message.partition, ev.message.offset)
-            for ev, exc in rejected:
-                await self.dead_letter(ev, "validate", exc)
+                if rt.definition is None:  # one dead letter per message, as each names its campaign
+                    rejected = [(ev, e) for ev, r in items for e in rt.apply_readings(r["assay_id"], r["unit"], [r])]
+                else:
+                    groups: dict[tuple[str, str], list[tuple[Any, Record]]] = defaultdict(list)
+                    for ev, r in items:
+                        groups[(r["assay_id"], r["unit"])].append((ev, r))
+                    for (assay, unit), group in groups.items():
+                        for err in rt.apply_readings(assay, unit, [r for _, r in group]):
+                            rejected.append((group[err.index][0] if err.index is not None else group[0][0], err))
+                last: dict[tuple[str, int], int] = {}
+                for ev, _ in items:
+                    m = ev.message
+                    last[(m.topic, m.partition)] = max(last.get((m.topic, m.partition), -1), m.offset)
+                for (topic, part), off in last.items():
+                    rt.processed(topic, part, off)
+            for ev, err in rejected:
+                await self.dead_letter(ev, "validate", err)
             self.tick(cid)
 
     async def on_plates(self, events: list[Any]) -> None:
