@@ -309,8 +309,8 @@ class LabloopWorker:
                     last[(m.topic, m.partition)] = max(last.get((m.topic, m.partition), -1), m.offset)
                 for (topic, part), off in last.items():
                     rt.processed(topic, part, off)
-            for ev, err in rejected:
-                await self.dead_letter(ev, "validate", err)
+            for ev, problem in rejected:
+                await self.dead_letter(ev, "validate", problem)
             self.tick(cid)
 
     async def on_plates(self, events: list[Any]) -> None:

@@ -42,13 +42,14 @@ def test_publish_readings_with_qualifiers_and_missing_column(cli: Any, ch: Any, 
     while time.monotonic() < deadline:
         rows = ch.query("SELECT compound_id, qualifier, value FROM readings WHERE campaign_id='cli-c' "
                         "ORDER BY compound_id, event_time").result_rows
-        if len(rows) >= 4:
+        if len(rows) >= 2:
             break
         time.sleep(0.3)
-    assert rows[::2] == [("A1", "<", 0.5), ("A4", "=", 12.5)]
-    # re-publishing the same file reuses the reading ids, so the model would not count them twice
-    ids = ch.query("SELECT uniqExact(reading_id), count() FROM readings WHERE campaign_id='cli-c'").result_rows[0]
-    assert ids == (2, 4)
+    time.sleep(2.0)  # the sink flushes every 0.5 s: a second copy of either reading would be stored by now
+    rows = ch.query("SELECT compound_id, qualifier, value FROM readings WHERE campaign_id='cli-c' "
+                    "ORDER BY compound_id").result_rows
+    # re-publishing the same file reuses the reading ids: stored once, and the model would not count them twice
+    assert rows == [("A1", "<", 0.5), ("A4", "=", 12.5)]
 
     bad = cli("publish", "readings", str(f), "--campaign", "cli-c", "--assay", "a", "--unit", "u")
     assert bad.returncode != 0
