@@ -317,31 +317,13 @@ class CampaignRuntime:
         return Update(work[0], work[1], work[2], work[3], self.n_readings, dict(self.applied_offsets))
 
     def commit_update(self, update: Update, pred: tuple[np.ndarray, np.ndarray], train_s: float,
-                      device: str, predictions: bool = True) -> list[Emit]:
-        """Install a finished fit and describe it: ModelUpdate, and Predictions unless the caller
-        built them itself (:meth:`prediction_records`, for version ``pool.model_version + 1``)."""
+                      device: str) -> list[Emit]:
+        """Install a finished fit as version ``pool.model_version + 1`` and describe it (ModelUpdate;
+        the caller publishes its Predictions, encoded by :class:`PredictionWriter`)."""
         assert self.pool is not None
         self.pool.commit(pred)
         self.model_offsets[self.pool.model_version] = update.offsets
-        return self.model_events(train_s, int(update.X_new.shape[0]), device, predictions=predictions,
-                                 n_readings=update.n_readings)
-
-    def prediction_records(self, version: int, mean: np.ndarray, std: np.ndarray, t: int) -> list[Record]:
-        """Prediction events (chunks of ``PREDICTION_CHUNK`` items) for pool rows ``0..len(mean)-1``.
-
-        Reads only what never changes for existing rows (compound ids, the objective), so a
-        model thread may call it while the event loop adds compounds.
-        """
-        assert self.definition is not None
-        ids, assay, n = self.compound_ids, self.definition["objective_assay_id"], int(mean.shape[0])
-        out = []
-        for s in range(0, n, PREDICTION_CHUNK):
-            e = min(s + PREDICTION_CHUNK, n)
-            items = [{"compound_id": c, "mean": m, "std": sd}
-                     for c, m, sd in zip(ids[s:e], mean[s:e].tolist(), std[s:e].tolist(), strict=True)]
-            out.append({"campaign_id": self.campaign_id, "model_version": version, "assay_id": assay, "event_time": t,
-                        "items": items})
-        return out
+        return self.model_events(train_s, int(update.X_new.shape[0]), device, n_readings=update.n_readings)
 
     def processed(self, topic: str, partition: int, offset: int) -> None:
         """Record that a reading-carrying message was processed (in partition order)."""
@@ -357,16 +339,15 @@ class CampaignRuntime:
         if k > 0:
             return self.propose(k)
         if not self.done_announced and self.definition["budget"] <= self.n_requested and self.pending == 0:
-            return self.model_events(0.0, 0, device, predictions=False, n_readings=self.n_readings)
+            return self.model_events(0.0, 0, device, n_readings=self.n_readings)
         return []
 
-    def model_events(self, train_s: float, n_new: int, device: str, predictions: bool = True,
-                     n_readings: int = 0) -> list[Emit]:
-        """ModelUpdate (+ Prediction chunks) for the current model version.
+    def model_events(self, train_s: float, n_new: int, device: str, n_readings: int = 0) -> list[Emit]:
+        """The ModelUpdate of the current model version.
 
         When the campaign finishes without new data (its last requests failed),
-        the final ModelUpdate repeats the last version with ``done`` set and no
-        predictions: the idempotency key of ModelUpdate is (campaign, version, done).
+        the final ModelUpdate repeats the last version with ``done`` set: the
+        idempotency key of ModelUpdate is (campaign, version, done).
         """
         assert self.pool is not None and self.definition is not None
         pool, t = self.pool, now_ms()
@@ -381,9 +362,6 @@ class CampaignRuntime:
             "n_failed": pool.count(FAILED), "n_pending": pool.count(PENDING), "n_requested": self.n_requested,
             "pool_size": pool.size, "best_value": best, "train_s": train_s, "done": done,
             "n_readings": n_readings, "trained_on": self.model_offsets.get(pool.model_version, {}), "event_time": t})]
-        if predictions and pool.learner.n_seen:
-            mean, std = pool.predict_pool()
-            out += [Emit("predictions", "Prediction", r) for r in self.prediction_records(pool.model_version, mean, std, t)]
         if done:
             self.done_announced = True
         return out

@@ -186,7 +186,7 @@ class LabloopWorker:
                     t0 = time.perf_counter()
                     pred, raws = await loop.run_in_executor(self.model_pool, self._fit_and_encode, rt, update, version)
                     async with lock:
-                        events = rt.commit_update(update, pred, time.perf_counter() - t0, device, predictions=False)
+                        events = rt.commit_update(update, pred, time.perf_counter() - t0, device)
                         assert rt.pool.model_version == version
                         self.changed.add(campaign_id)
                 except BaseException:
