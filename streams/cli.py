@@ -97,9 +97,10 @@ def worker() -> None:
     faust_app, w = create_app(s, _kafka(s)["bootstrap.servers"])
     group = str(faust_app.conf.id)
     cluster = AdminClient(dict(_kafka(s))).list_topics(timeout=30).cluster_id or ""  # type: ignore[arg-type]
-    w.checkpoints = CheckpointStore(s.data_dir / "checkpoints" / f"{group}-{s.worker_id}.ckpt", cluster, group)
+    w.checkpoints = CheckpointStore(s.data_dir / "checkpoints" / f"{group}-{s.worker_id}", cluster, group)
     # A replacement worker first restores what its predecessor had applied (see streams/recovery.py).
     rebuild(w.campaigns, w.campaign, _kafka(s), group, w.codec, w.spec, w.checkpoints)
+    w.changed.update(w.campaigns)  # the replay changed them since their snapshots: the next checkpoint re-writes them
     Worker(faust_app, loglevel=s.log_level, quiet=True).execute_from_commandline()
 
 

@@ -90,7 +90,6 @@ class LabloopWorker:
         self.paused: set[str] = set()
         self.dirty = False  # anything handled since the last checkpoint
         self.changed: set[str] = set()  # campaigns whose state changed since their last snapshot
-        self.blobs: dict[str, bytes] = {}  # the last snapshot of each campaign
         self.topics = {role: app.topic(t.name, key_type=bytes, value_type=bytes, partitions=t.partitions)
                        for role, t in TOPICS.items()}
 
@@ -225,10 +224,8 @@ class LabloopWorker:
                         continue
                     # Pickled on a thread with the lock held: handlers wait for this campaign only.
                     self.changed.discard(campaign_id)
-                    blob = await loop.run_in_executor(self.chem_pool, pickle.dumps, self.campaigns[campaign_id],
+                    return await loop.run_in_executor(self.chem_pool, pickle.dumps, self.campaigns[campaign_id],
                                                       pickle.HIGHEST_PROTOCOL)
-                    self.blobs[campaign_id] = blob
-                    return blob
         finally:
             self.paused.discard(campaign_id)
 
@@ -240,12 +237,12 @@ class LabloopWorker:
         self.dirty = False
         t0 = time.perf_counter()
         floors = dict(self.floors)  # taken first: every later snapshot holds at least this much
-        # A campaign unchanged since its last snapshot keeps it: only active campaigns are pickled.
-        blobs = {cid: self.blobs[cid] if cid not in self.changed and cid in self.blobs else await self._snapshot(cid)
-                 for cid in list(self.campaigns)}
+        # A campaign unchanged since its last snapshot keeps its file: only active campaigns are pickled.
+        cids = list(self.campaigns)
+        blobs = {cid: await self._snapshot(cid) for cid in cids if cid in self.changed or not store.has(cid)}
         await self.app.producer.flush()
-        await asyncio.get_running_loop().run_in_executor(self.chem_pool, store.write, floors, blobs)
-        log.info("checkpoint %d: %d campaign(s), %.1f MB in %.0f ms", store.written, len(blobs),
+        await asyncio.get_running_loop().run_in_executor(self.chem_pool, store.write, floors, blobs, cids)
+        log.info("checkpoint %d: %d of %d campaign(s), %.1f MB in %.0f ms", store.written, len(blobs), len(cids),
                  store.last_bytes / 1e6, (time.perf_counter() - t0) * 1000)
 
     # ---- handlers -------------------------------------------------------------------------
