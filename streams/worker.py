@@ -364,6 +364,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
     brokers = [f"{faust_transport.SCHEME}://{b.strip()}" for b in bootstrap.split(",") if b.strip()]
     app = faust.App(
         app_id, broker=brokers, broker_credentials=_credentials(settings),
+        datadir=str(settings.data_dir / "faust"),  # not the current directory
         value_serializer="raw", key_serializer="raw", web_enabled=False,
         topic_allow_declare=False,  # topics are created up front from the catalogue
         topic_disable_leader=True, broker_session_timeout=settings.kafka_session_timeout_s,
