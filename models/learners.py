@@ -328,10 +328,14 @@ class TanimotoGP(OnlineLearner):
             out.append(torch.linalg.solve_triangular(f["Lz"], K.T, upper=False).T)
         return torch.cat(out) if out else torch.zeros((0, f["Lz"].shape[0]), dtype=torch.float64, device=self.device)
 
-    def _draw_landmarks(self) -> None:
+    def _pick_landmarks(self) -> np.ndarray:
+        """A deterministic random subset of the training rows (seeded by their count)."""
         n = self._y.shape[0]
         pick = np.sort(np.random.default_rng(n).choice(n, size=min(self.landmarks, n), replace=False))
-        self._set_landmarks(self._X[pick].copy(), n)
+        return self._X[pick].copy()
+
+    def _draw_landmarks(self) -> None:
+        self._set_landmarks(self._pick_landmarks(), self._y.shape[0])
 
     def _zfit_of(self, Z: np.ndarray) -> dict[str, torch.Tensor]:
         Zt = torch.from_numpy(Z).to(self.device, torch.float64)
@@ -360,8 +364,7 @@ class TanimotoGP(OnlineLearner):
             cache = self._pool_cache
             pool = cache[0]() if cache is not None else None
             n = self._y.shape[0]
-            pick = np.sort(np.random.default_rng(n).choice(n, size=min(self.landmarks, n), replace=False))
-            Z = self._X[pick].copy()
+            Z = self._pick_landmarks()
             zfit = self._zfit_of(Z)
             if not self.background_redraw or cache is None or pool is None:
                 self._set_landmarks(Z, n, zfit)
