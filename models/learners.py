@@ -99,6 +99,12 @@ class OnlineLearner(abc.ABC):
         before is a replicate of it. Without keys every row is a new compound.
         """
 
+    def update_from_pool(self, X_pool: np.ndarray, y: np.ndarray, keys: np.ndarray) -> None:
+        """:meth:`update` with the observations of pool rows ``keys`` (``n`` positions into the
+        ``N x d`` pool ``X_pool``). A learner that keeps its own copy of the pool overrides this
+        to skip gathering rows it already has."""
+        self.update(X_pool[keys], y, keys)
+
     @abc.abstractmethod
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predict ``m`` rows.

@@ -127,23 +127,23 @@ class PoolState:
         """Observations the learner has not seen yet."""
         return bool(self._new)
 
-    def take_new(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-        """Hand over the unseen observations: ``(X_new, y_new, keys, X_pool)`` with ``y`` already
-        oriented (higher is better) and ``keys`` the pool positions, or None. ``X_pool`` is the
-        pool as it is now; together they are everything :meth:`fit` needs, so the fit can run
-        on another thread while observations keep arriving."""
+    def take_new(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Hand over the unseen observations: ``(y_new, keys, X_pool)`` with ``y`` already oriented
+        (higher is better), ``keys`` their pool positions and ``X_pool`` the pool as it is now
+        (rows are only ever appended, by a new array). Together they are everything :meth:`fit`
+        needs, so the fit, the gathering of rows included, runs on another thread while
+        observations keep arriving."""
         if not self._new:
             return None
         idx = np.array(sorted(set(self._new)), dtype=np.int64)
         self._new = []
-        return self.X[idx], self.sign * self.values[idx], idx, self.X
+        return self.sign * self.values[idx], idx, self.X
 
-    def fit(self, X_new: np.ndarray, y_new: np.ndarray, keys: np.ndarray,
-            X_pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Update the learner and score ``X_pool``: the heavy part, safe to run off the event loop
-        while the pool's statuses change (only one fit at a time). Returns ``(mean, std)``
-        in objective units; :meth:`commit` installs them."""
-        self.learner.update(X_new, y_new, keys)
+    def fit(self, y_new: np.ndarray, keys: np.ndarray, X_pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Update the learner with pool rows ``keys`` and score ``X_pool``: the heavy part, safe to
+        run off the event loop while the pool's statuses change (only one fit at a time). Returns
+        ``(mean, std)`` in objective units; :meth:`commit` installs them."""
+        self.learner.update_from_pool(X_pool, y_new, keys)
         m, s = self.learner.predict(X_pool)
         return self.sign * m, s
 

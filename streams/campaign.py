@@ -115,9 +115,9 @@ class PredictionWriter:
 
 @dataclass(frozen=True)
 class Update:
-    """A model update in flight: the new observations, the pool snapshot, readings applied so far."""
+    """A model update in flight: the new observations (oriented values and pool positions), the
+    pool snapshot, readings applied so far."""
 
-    X_new: np.ndarray
     y_new: np.ndarray
     keys: np.ndarray
     X_pool: np.ndarray
@@ -314,7 +314,7 @@ class CampaignRuntime:
         work = self.pool.take_new()
         if work is None:
             return None
-        return Update(work[0], work[1], work[2], work[3], self.n_readings, dict(self.applied_offsets))
+        return Update(work[0], work[1], work[2], self.n_readings, dict(self.applied_offsets))
 
     def commit_update(self, update: Update, pred: tuple[np.ndarray, np.ndarray], train_s: float,
                       device: str) -> list[Emit]:
@@ -323,7 +323,7 @@ class CampaignRuntime:
         assert self.pool is not None
         self.pool.commit(pred)
         self.model_offsets[self.pool.model_version] = update.offsets
-        return self.model_events(train_s, int(update.X_new.shape[0]), device, n_readings=update.n_readings)
+        return self.model_events(train_s, int(update.keys.shape[0]), device, n_readings=update.n_readings)
 
     def processed(self, topic: str, partition: int, offset: int) -> None:
         """Record that a reading-carrying message was processed (in partition order)."""

@@ -9,8 +9,9 @@ Topology (every input keyed and co-partitioned by ``campaign_id``)::
     status    ─┘                           └─> dead-letters (anything that fails)
 
 Agents consume in micro-batches (``take_events``), decode Avro themselves
-(values are raw bytes), and run featurization and model updates in a thread
-pool so the event loop keeps heart-beating. Delivery is at-least-once: every
+(values are raw bytes), featurize on a thread, and fit in a child process
+(:mod:`streams.modelhost`; a thread with ``LABLOOP_MODEL_PROCESS=false``), so the
+event loop keeps heart-beating and fits never wait on its interpreter lock. Delivery is at-least-once: every
 handler is idempotent (compounds by id, readings by ``reading_id``, statuses by
 request state).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
 import ssl
 import time
@@ -34,6 +36,7 @@ from typing import Any
 
 import faust
 import numpy as np
+from faust.exceptions import ConsumerNotStarted
 
 from models import FeatureSpec, ModelError, parse_many
 from models.chem import featurize_mols
@@ -42,6 +45,7 @@ from schemas import TOPICS, Codec, LabloopError
 from schemas.types import Record
 from streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms
 from streams.checkpoint import CheckpointStore
+from streams.modelhost import ModelHost, ModelHostError, RemoteLearner
 from streams.settings import Settings
 
 __all__ = ["LabloopWorker", "create_app"]
@@ -78,6 +82,7 @@ class LabloopWorker:
         # One thread each: torch already uses every core for a fit, and RDKit's batch API its own threads.
         self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-model")
         self.chem_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-chem")
+        self.models: ModelHost | None = None  # started by start_models(); None = fits on the model thread
         self.updaters: dict[str, asyncio.Task[None]] = {}
         self.prediction_writers: dict[str, PredictionWriter] = {}
         self.sending: dict[str, asyncio.Future[None]] = {}  # per campaign: the last batch of events handed to send
@@ -90,6 +95,8 @@ class LabloopWorker:
         self.paused: set[str] = set()
         self.dirty = False  # anything handled since the last checkpoint
         self.changed: set[str] = set()  # campaigns whose state changed since their last snapshot
+        # Per reading-carrying input partition: messages behind its high watermark after the last batch.
+        self.lag: dict[tuple[str, int], int] = {}
         self.topics = {role: app.topic(t.name, key_type=bytes, value_type=bytes, partitions=t.partitions)
                        for role, t in TOPICS.items()}
 
@@ -97,6 +104,27 @@ class LabloopWorker:
         if campaign_id not in self.campaigns:
             self.campaigns[campaign_id] = CampaignRuntime(campaign_id, device=self.settings.torch_device)
         return self.campaigns[campaign_id]
+
+    # ---- the model process ----------------------------------------------------------------
+    def start_models(self, threads: int) -> None:
+        """Start the model process (it imports torch meanwhile: start it early)."""
+        self.models = ModelHost(threads)
+
+    def adopt_all(self) -> None:
+        """Move every defined campaign's learner into the model process (after a restore, the
+        checkpointed learners move in); call before consuming."""
+        for cid in self.campaigns:
+            self._adopt(cid)
+
+    def _adopt(self, campaign_id: str) -> None:
+        rt = self.campaigns.get(campaign_id)
+        if self.models is not None and rt is not None and rt.pool is not None \
+                and not (isinstance(rt.pool.learner, RemoteLearner) and rt.pool.learner.attached):
+            rt.pool.learner = self.models.adopt(campaign_id, rt.pool.learner)
+
+    def stop_models(self) -> None:
+        if self.models is not None:
+            self.models.close()
 
     # ---- output ---------------------------------------------------------------------------
     async def emit(self, campaign_id: str, events: Iterable[Emit | Raw]) -> None:
@@ -137,7 +165,7 @@ class LabloopWorker:
             tuple[np.ndarray, np.ndarray], list[bytes]]:
         """On the model thread: update the learner, score the pool, encode the Prediction events."""
         assert rt.pool is not None and rt.definition is not None
-        pred = rt.pool.fit(update.X_new, update.y_new, update.keys, update.X_pool)
+        pred = rt.pool.fit(update.y_new, update.keys, update.X_pool)
         writer = self.prediction_writers.setdefault(rt.campaign_id, PredictionWriter(self.codec))
         return pred, writer.encode(rt.campaign_id, rt.definition["objective_assay_id"], version, rt.compound_ids,
                                    pred[0], pred[1], now_ms())
@@ -192,9 +220,43 @@ class LabloopWorker:
                     self.busy[campaign_id] -= 1
                     raise
                 self._send_in_order(campaign_id, [*events, *(Raw("predictions", r) for r in raws)])
+                # A backlog: coalesce more of it into the next fit, and leave the cores to draining it.
+                until = time.perf_counter() + self._pace(time.perf_counter() - t0)
+                while time.perf_counter() < until and self.behind():
+                    await asyncio.sleep(min(0.02, until - time.perf_counter()))
             self._send_in_order(campaign_id, list(out))
+        except ModelHostError as exc:
+            if self.models is not None and not self.models.alive():  # no learner left to fit: restart from the checkpoint
+                log.critical("%s; exiting so that a replacement restores the campaigns", exc)
+                os._exit(70)
+            log.exception("model update of campaign %s failed", campaign_id)
         except Exception:  # an updater must never die silently: log with the campaign, let the next tick retry
             log.exception("model update or request step of campaign %s failed", campaign_id)
+
+    def behind(self) -> bool:
+        """Whether a readings input is more than ``backlog_messages`` behind its high watermark."""
+        return max(self.lag.values(), default=0) > self.settings.backlog_messages
+
+    def _pace(self, fit_s: float) -> float:
+        """Seconds to wait before the next fit (while :meth:`behind`), so that fits take at most
+        ``backlog_fit_share`` of the time a backlog drains: one model update per several
+        micro-batches, the cores left to the drain, and the wait ends with the backlog."""
+        share = self.settings.backlog_fit_share
+        return 0.0 if share >= 1.0 or not self.behind() else fit_s * (1.0 / share - 1.0)
+
+    def observe_lag(self, events: list[Any]) -> None:
+        """After a batch of readings or plates: how far each of its partitions is behind."""
+        last: dict[Any, int] = {}
+        for ev in events:
+            last[ev.message.tp] = ev.message.offset
+        for tp, off in last.items():
+            try:
+                hw = self.app.consumer.highwater(tp)
+            except (AssertionError, ConsumerNotStarted) as exc:  # not assigned (a rebalance), not started
+                log.debug("no high watermark for %s: %r", tp, exc)
+                continue
+            if hw is not None and hw >= 0:  # None until a fetch for it was answered
+                self.lag[(tp.topic, tp.partition)] = hw - off - 1
 
     # ---- checkpoints ----------------------------------------------------------------------
     def handling(self, events: list[Any]) -> None:
@@ -252,6 +314,7 @@ class LabloopWorker:
             try:
                 async with self.locks[r["campaign_id"]]:
                     self.campaign(r["campaign_id"]).define(r)
+                    self._adopt(r["campaign_id"])
                 touched.add(r["campaign_id"])
                 log.info("campaign %s defined", r["campaign_id"])
             except (LabloopError, ModelError) as exc:
@@ -384,6 +447,8 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
                 w.handling(batch)
                 await handler(batch)
                 w.handled(batch)
+                if role in ("readings", "plates"):
+                    w.observe_lag(batch)
                 log.debug("%s: %d events in %.3fs", role, len(events), time.perf_counter() - t0)
 
         run.__name__ = f"on_{role}"
