@@ -277,6 +277,7 @@ class LabloopWorker:
     async def _snapshot(self, campaign_id: str) -> bytes:
         loop = asyncio.get_running_loop()
         self.paused.add(campaign_id)
+        t0 = time.perf_counter()
         try:
             while True:
                 while self.busy[campaign_id]:
@@ -286,8 +287,12 @@ class LabloopWorker:
                         continue
                     # Pickled on a thread with the lock held: handlers wait for this campaign only.
                     self.changed.discard(campaign_id)
-                    return await loop.run_in_executor(self.chem_pool, pickle.dumps, self.campaigns[campaign_id],
+                    t1 = time.perf_counter()
+                    blob = await loop.run_in_executor(self.chem_pool, pickle.dumps, self.campaigns[campaign_id],
                                                       pickle.HIGHEST_PROTOCOL)
+                    log.debug("snapshot of %s: waited %.0f ms for its fit, pickled %.1f MB in %.0f ms", campaign_id,
+                              (t1 - t0) * 1000, len(blob) / 1e6, (time.perf_counter() - t1) * 1000)
+                    return blob
         finally:
             self.paused.discard(campaign_id)
 
@@ -302,10 +307,14 @@ class LabloopWorker:
         # A campaign unchanged since its last snapshot keeps its file: only active campaigns are pickled.
         cids = list(self.campaigns)
         blobs = {cid: await self._snapshot(cid) for cid in cids if cid in self.changed or not store.has(cid)}
+        t1 = time.perf_counter()
         await self.app.producer.flush()
+        t2 = time.perf_counter()
         await asyncio.get_running_loop().run_in_executor(self.chem_pool, store.write, floors, blobs, cids)
-        log.info("checkpoint %d: %d of %d campaign(s), %.1f MB in %.0f ms", store.written, len(blobs), len(cids),
-                 store.last_bytes / 1e6, (time.perf_counter() - t0) * 1000)
+        t3 = time.perf_counter()
+        log.info("checkpoint %d: %d of %d campaign(s), %.1f MB in %.0f ms (snapshots %.0f, flush %.0f, write %.0f)",
+                 store.written, len(blobs), len(cids), store.last_bytes / 1e6, (t3 - t0) * 1000, (t1 - t0) * 1000,
+                 (t2 - t1) * 1000, (t3 - t2) * 1000)
 
     # ---- handlers -------------------------------------------------------------------------
     async def on_campaigns(self, events: list[Any]) -> None:
