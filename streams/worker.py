@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import pickle
 import ssl
@@ -97,6 +98,7 @@ class LabloopWorker:
         self.changed: set[str] = set()  # campaigns whose state changed since their last snapshot
         # Per reading-carrying input partition: messages behind its high watermark after the last batch.
         self.lag: dict[tuple[str, int], int] = {}
+        self.snapshot_cpu_s: dict[str, float] = {}  # per campaign: CPU seconds its last snapshot's pickle took
         self.topics = {role: app.topic(t.name, key_type=bytes, value_type=bytes, partitions=t.partitions)
                        for role, t in TOPICS.items()}
 
@@ -288,10 +290,18 @@ class LabloopWorker:
                     # Pickled on a thread with the lock held: handlers wait for this campaign only.
                     self.changed.discard(campaign_id)
                     t1 = time.perf_counter()
-                    blob = await loop.run_in_executor(self.chem_pool, pickle.dumps, self.campaigns[campaign_id],
-                                                      pickle.HIGHEST_PROTOCOL)
-                    log.debug("snapshot of %s: waited %.0f ms for its fit, pickled %.1f MB in %.0f ms", campaign_id,
-                              (t1 - t0) * 1000, len(blob) / 1e6, (time.perf_counter() - t1) * 1000)
+                    rt = self.campaigns[campaign_id]
+                    inline = self.snapshot_cpu_s.get(campaign_id, math.inf) <= self.settings.checkpoint_inline_s
+                    if inline:  # small: a thread would wait for the interpreter lock longer than the pickle takes
+                        c0 = time.thread_time()
+                        blob = pickle.dumps(rt, pickle.HIGHEST_PROTOCOL)
+                        cpu = time.thread_time() - c0
+                    else:  # large: on a thread, so that the loop keeps serving the other campaigns
+                        blob, cpu = await loop.run_in_executor(self.chem_pool, _pickle_timed, rt)
+                    self.snapshot_cpu_s[campaign_id] = cpu
+                    log.debug("snapshot of %s: waited %.0f ms for its fit, pickled %.1f MB in %.0f ms (%.0f ms CPU, %s)",
+                              campaign_id, (t1 - t0) * 1000, len(blob) / 1e6, (time.perf_counter() - t1) * 1000,
+                              cpu * 1000, "inline" if inline else "thread")
                     return blob
         finally:
             self.paused.discard(campaign_id)
@@ -427,6 +437,13 @@ class LabloopWorker:
                 finally:
                     self.busy[cid] -= 1
                 self.tick(cid)
+
+
+def _pickle_timed(obj: Any) -> tuple[bytes, float]:
+    """``pickle.dumps(obj)`` and the CPU seconds it took on this thread."""
+    c0 = time.thread_time()
+    blob = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    return blob, time.thread_time() - c0
 
 
 def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker") -> tuple[faust.App, LabloopWorker]:
