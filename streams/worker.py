@@ -124,6 +124,13 @@ class LabloopWorker:
                 and not (isinstance(rt.pool.learner, RemoteLearner) and rt.pool.learner.attached):
             rt.pool.learner = self.models.adopt(campaign_id, rt.pool.learner)
 
+    def _exit_if_models_died(self, exc: BaseException) -> None:
+        """Without its model process a worker can neither fit nor checkpoint: exit (code 70) so that
+        a replacement restores the campaigns from the last checkpoint and Kafka."""
+        if self.models is not None and not self.models.alive():
+            log.critical("%s; exiting so that a replacement restores the campaigns", exc)
+            os._exit(70)
+
     def stop_models(self) -> None:
         if self.models is not None:
             self.models.close()
@@ -228,9 +235,7 @@ class LabloopWorker:
                     await asyncio.sleep(min(0.02, until - time.perf_counter()))
             self._send_in_order(campaign_id, list(out))
         except ModelHostError as exc:
-            if self.models is not None and not self.models.alive():  # no learner left to fit: restart from the checkpoint
-                log.critical("%s; exiting so that a replacement restores the campaigns", exc)
-                os._exit(70)
+            self._exit_if_models_died(exc)
             log.exception("model update of campaign %s failed", campaign_id)
         except Exception:  # an updater must never die silently: log with the campaign, let the next tick retry
             log.exception("model update or request step of campaign %s failed", campaign_id)
@@ -316,7 +321,11 @@ class LabloopWorker:
         floors = dict(self.floors)  # taken first: every later snapshot holds at least this much
         # A campaign unchanged since its last snapshot keeps its file: only active campaigns are pickled.
         cids = list(self.campaigns)
-        blobs = {cid: await self._snapshot(cid) for cid in cids if cid in self.changed or not store.has(cid)}
+        try:
+            blobs = {cid: await self._snapshot(cid) for cid in cids if cid in self.changed or not store.has(cid)}
+        except ModelHostError as exc:
+            self._exit_if_models_died(exc)
+            raise
         t1 = time.perf_counter()
         await self.app.producer.flush()
         t2 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -79,3 +80,54 @@ def test_a_killed_worker_is_replaced_without_losing_or_doubling(own_stack: Stack
     log = (stack.settings.data_dir / "logs" / "worker-0.log").read_text()
     # The replacement resumed from its predecessor's checkpoint plus the messages after it, not a fresh start.
     assert "loaded checkpoint of 1 campaign(s)" in log and "rebuilt 1 campaign(s) from a checkpoint and Kafka" in log
+
+
+def _model_process_of(pid: int) -> int:
+    """The pid of the worker's model process (its child running ``streams.modelhost``)."""
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        if b"streams.modelhost" in Path(f"/proc/{child}/cmdline").read_bytes():
+            return int(child)
+    raise AssertionError(f"worker {pid} has no model process")
+
+
+def _reading(codec: Codec, rid: str, compound: str) -> bytes:
+    return codec.encode("AssayReading", {
+        "reading_id": rid, "campaign_id": CID, "compound_id": compound, "assay_id": "tpsa", "value": 50.0,
+        "unit": "A^2", "qualifier": "EQ", "request_id": None, "instrument_id": "test", "event_time": 0,
+        "ingest_time": 0})
+
+
+def test_a_dead_model_process_takes_its_worker_down_and_the_replacement_fits(own_stack: Stack, codec: Codec) -> None:
+    """Runs after the campaign above: with its model process gone a worker can neither fit nor
+    checkpoint, so it exits (code 70) rather than run on without a model; its replacement
+    restores the campaign and fits again."""
+    stack = own_stack
+    compound = next(r for r in compound_rows(DATA, CID) if isinstance(r, dict))["compound_id"]
+    worker = next(p for p in stack.procs if p.name == "worker-0")
+    os.kill(_model_process_of(worker.proc.pid), signal.SIGKILL)
+    mon = make_consumer(stack.kafka_config, f"rec-model-{time.monotonic_ns()}", **{"auto.offset.reset": "latest"})
+    mon.subscribe([TOPICS["model_updates"].name])
+    deadline = time.monotonic() + 30
+    while not mon.assignment() and time.monotonic() < deadline:
+        mon.poll(0.2)
+    producer = make_producer(stack.kafka_config)
+    producer.produce(TOPICS["readings"].name, key=CID.encode(), value=_reading(codec, "model-proc-1", compound))
+    producer.flush(10)
+    assert worker.proc.wait(60) == 70
+    assert "the model process died" in worker.log_path.read_text()
+    stack.restart("worker-0")
+    producer.produce(TOPICS["readings"].name, key=CID.encode(), value=_reading(codec, "model-proc-2", compound))
+    producer.flush(10)
+    learned = 0
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and not learned:
+            for m in mon.consume(100, 0.5):
+                r: Any = codec.decode(m.value()).record if not m.error() else None
+                if r and r["campaign_id"] == CID and r["n_new"] > 0:
+                    learned = r["n_train"]
+            stack.check()
+    finally:
+        mon.close()
+        producer.close()
+    assert learned > BUDGET  # the replacement fitted, on every reading so far
