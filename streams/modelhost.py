@@ -19,12 +19,16 @@ killed). If the child dies, every later call raises :class:`ModelHostError`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import socket
 import subprocess
 import sys
 import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -33,7 +37,7 @@ import numpy as np
 from models.learners import OnlineLearner
 from schemas import LabloopError
 
-__all__ = ["ModelHost", "ModelHostError", "RemoteLearner"]
+__all__ = ["ModelHost", "ModelHostError", "RemoteLearner", "with_learner_state"]
 
 log = logging.getLogger("labloop.modelhost")
 
@@ -107,8 +111,11 @@ class ModelHost:
     Args:
         threads: torch threads in the child.
 
-    Calls are serialized (one request in flight), from any thread; each blocks its
-    caller, not the interpreter, while the child works.
+    Requests go out in order from any thread and the child answers them in order; a reader
+    thread hands each reply to its :class:`~concurrent.futures.Future`. :meth:`call` blocks
+    its caller, not the interpreter, while the child works; :meth:`submit` does not wait, so a
+    caller can fix a request's place in the order (a checkpoint's learner state between two
+    fits) and collect the answer later.
     """
 
     def __init__(self, threads: int = 1) -> None:
@@ -117,7 +124,11 @@ class ModelHost:
                                       pass_fds=[theirs.fileno()])
         theirs.close()
         self._conn = Connection(mine.detach())
-        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._pending: deque[tuple[Future[Any], str, str]] = deque()  # awaiting replies, in request order
+        self._dead: str | None = None  # why no more replies will come
+        self._reader = threading.Thread(target=self._read_replies, name="labloop-model-replies", daemon=True)
+        self._reader.start()
 
     @property
     def pid(self) -> int:
@@ -126,22 +137,47 @@ class ModelHost:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
-    def call(self, op: str, key: str, *args: Any) -> Any:
-        """Run one request in the child and return its result; its error is raised here."""
-        with self._lock:
+    def _died(self, op: str, key: str) -> ModelHostError:
+        return ModelHostError(f"{self._dead} during {op!r} for campaign {key!r}")
+
+    def _read_replies(self) -> None:
+        while True:
+            try:
+                status, value = self._conn.recv()
+            except (EOFError, OSError, ValueError):  # the child is gone, or we closed the connection
+                break
+            fut, _, _ = self._pending.popleft()
+            if status == "error":
+                fut.set_exception(value)
+            else:
+                fut.set_result(value)
+        try:
+            code: int | None = self._proc.wait(0.5)
+        except subprocess.TimeoutExpired:
+            code = None
+        with self._send_lock:
+            self._dead = f"the model process died (exit code {code})"
+            while self._pending:
+                fut, op, key = self._pending.popleft()
+                fut.set_exception(self._died(op, key))
+
+    def submit(self, op: str, key: str, *args: Any) -> Future[Any]:
+        """Send one request now; its reply (or error) arrives in the returned future."""
+        fut: Future[Any] = Future()
+        with self._send_lock:
+            if self._dead is not None:
+                fut.set_exception(self._died(op, key))
+                return fut
+            self._pending.append((fut, op, key))
             try:
                 self._conn.send((op, key, *args))
-                status, value = self._conn.recv()
-            except (EOFError, OSError) as exc:
-                try:
-                    code: int | None = self._proc.wait(0.5)
-                except subprocess.TimeoutExpired:
-                    code = None
-                raise ModelHostError(f"the model process died (exit code {code}) during {op!r} "
-                                     f"for campaign {key!r}") from exc
-        if status == "error":
-            raise value
-        return value
+            except (OSError, ValueError):  # the reader thread fails it with the exit code
+                pass
+        return fut
+
+    def call(self, op: str, key: str, *args: Any) -> Any:
+        """Run one request in the child and return its result; its error is raised here."""
+        return self.submit(op, key, *args).result()
 
     def adopt(self, key: str, learner: OnlineLearner) -> RemoteLearner:
         """Move ``learner`` (a local one, or a :class:`RemoteLearner` restored from a checkpoint)
@@ -155,17 +191,18 @@ class ModelHost:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Ask the child to exit; kill it if it does not."""
-        with self._lock:
+        with self._send_lock:
             try:
                 self._conn.send(None)
             except (OSError, ValueError):
                 pass
-            self._conn.close()
         try:
             self._proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        self._reader.join(timeout_s)
+        self._conn.close()
 
 
 class RemoteLearner(OnlineLearner):
@@ -185,6 +222,7 @@ class RemoteLearner(OnlineLearner):
         self._n_seen = n_seen
         self._synced = 0  # pool rows the child has
         self._blob: bytes | None = None  # while detached: the learner, pickled
+        self._defer = False  # pickle without the learner's bytes (see deferred())
 
     @property
     def n_seen(self) -> int:
@@ -227,6 +265,20 @@ class RemoteLearner(OnlineLearner):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._blob = state["blob"]
 
+    def request_state(self) -> Future[bytes]:
+        """Ask the child for the learner's bytes now: the answer is the learner as it is between
+        the fits already asked for and any asked for later."""
+        return self._live().submit("state", self.key)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Within: pickles without the learner's bytes, which :func:`with_learner_state` adds."""
+        self._defer = True
+        try:
+            yield
+        finally:
+            self._defer = False
+
     def detached_state(self) -> tuple[bytes, int]:
         """The learner as pickled bytes, and how many observations it has seen."""
         if self._host is None:
@@ -235,12 +287,43 @@ class RemoteLearner(OnlineLearner):
         return self._host.call("state", self.key), self._n_seen
 
     def __getstate__(self) -> dict[str, Any]:
-        blob, n_seen = self.detached_state()
+        blob, n_seen = (None, self._n_seen) if self._defer else self.detached_state()
         return {"key": self.key, "name": self.name, "device": self.device, "n_seen": n_seen, "blob": blob}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(None, state["key"], state["name"], state["device"], state["n_seen"])  # type: ignore[misc]
-        self._blob = state["blob"]
+        self._blob = state["blob"] if state["blob"] is not None else _filling.blob
+        if self._blob is None:
+            raise ModelHostError(f"checkpoint of campaign {self.key!r} holds no learner state")
+
+
+class _Filling(threading.local):
+    blob: bytes | None = None
+
+
+_filling = _Filling()  # the learner bytes for the RemoteLearner being unpickled on this thread
+
+
+def _restore(pickled: bytes, learner: bytes) -> Any:
+    _filling.blob = learner
+    try:
+        return pickle.loads(pickled)  # noqa: S301 - the worker's own checkpoint
+    finally:
+        _filling.blob = None
+
+
+class _WithLearner:
+    def __init__(self, pickled: bytes, learner: bytes) -> None:
+        self.args = (pickled, learner)
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes, bytes]]:
+        return _restore, self.args
+
+
+def with_learner_state(pickled: bytes, learner: bytes) -> bytes:
+    """An object pickled while its :class:`RemoteLearner` was :meth:`~RemoteLearner.deferred`,
+    plus that learner's bytes: one pickle that loads as the whole object."""
+    return pickle.dumps(_WithLearner(pickled, learner), pickle.HIGHEST_PROTOCOL)
 
 
 if __name__ == "__main__":  # pragma: no cover - the child: python -m streams.modelhost FD THREADS

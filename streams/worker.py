@@ -24,6 +24,7 @@ writes the checkpoint with the offsets below which every input was handled
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -46,7 +47,7 @@ from schemas import TOPICS, Codec, LabloopError
 from schemas.types import Record
 from streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms
 from streams.checkpoint import CheckpointStore
-from streams.modelhost import ModelHost, ModelHostError, RemoteLearner
+from streams.modelhost import ModelHost, ModelHostError, RemoteLearner, with_learner_state
 from streams.settings import Settings
 
 __all__ = ["LabloopWorker", "create_app"]
@@ -292,24 +293,33 @@ class LabloopWorker:
                 async with self.locks[campaign_id]:
                     if self.busy[campaign_id]:
                         continue
-                    # Pickled on a thread with the lock held: handlers wait for this campaign only.
+                    # Pickled with the lock held: handlers wait for this campaign only.
                     self.changed.discard(campaign_id)
                     t1 = time.perf_counter()
                     rt = self.campaigns[campaign_id]
+                    learner = rt.pool.learner if rt.pool is not None else None
+                    remote = learner if isinstance(learner, RemoteLearner) and learner.attached else None
+                    # The learner's state is asked for now, before any later fit, and collected after the lock.
+                    state = remote.request_state() if remote is not None else None
                     inline = self.snapshot_cpu_s.get(campaign_id, math.inf) <= self.settings.checkpoint_inline_s
-                    if inline:  # small: a thread would wait for the interpreter lock longer than the pickle takes
-                        c0 = time.thread_time()
-                        blob = pickle.dumps(rt, pickle.HIGHEST_PROTOCOL)
-                        cpu = time.thread_time() - c0
-                    else:  # large: on a thread, so that the loop keeps serving the other campaigns
-                        blob, cpu = await loop.run_in_executor(self.chem_pool, _pickle_timed, rt)
-                    self.snapshot_cpu_s[campaign_id] = cpu
-                    log.debug("snapshot of %s: waited %.0f ms for its fit, pickled %.1f MB in %.0f ms (%.0f ms CPU, %s)",
-                              campaign_id, (t1 - t0) * 1000, len(blob) / 1e6, (time.perf_counter() - t1) * 1000,
-                              cpu * 1000, "inline" if inline else "thread")
-                    return blob
+                    with remote.deferred() if remote is not None else contextlib.nullcontext():
+                        if inline:  # small: a thread would wait for the interpreter lock longer than the pickle takes
+                            c0 = time.thread_time()
+                            blob = pickle.dumps(rt, pickle.HIGHEST_PROTOCOL)
+                            cpu = time.thread_time() - c0
+                        else:  # large: on a thread, so that the loop keeps serving the other campaigns
+                            blob, cpu = await loop.run_in_executor(self.chem_pool, _pickle_timed, rt)
+                    t2 = time.perf_counter()
+                    break
         finally:
             self.paused.discard(campaign_id)
+        self.snapshot_cpu_s[campaign_id] = cpu
+        if state is not None:
+            blob = with_learner_state(blob, await asyncio.wrap_future(state))
+        log.debug("snapshot of %s: waited %.0f ms for its fit, held its lock %.0f ms (%.0f ms CPU, %s), %.1f MB in "
+                  "%.0f ms", campaign_id, (t1 - t0) * 1000, (t2 - t1) * 1000, cpu * 1000, "inline" if inline else "thread",
+                  len(blob) / 1e6, (time.perf_counter() - t1) * 1000)
+        return blob
 
     async def checkpoint(self) -> None:
         """Snapshot every campaign, make sure what they decided is in Kafka, then write the file."""

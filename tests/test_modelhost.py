@@ -10,7 +10,7 @@ import pytest
 
 from models.learners import make_learner
 from models.loop import PoolState
-from streams.modelhost import ModelHost, ModelHostError, RemoteLearner
+from streams.modelhost import ModelHost, ModelHostError, RemoteLearner, with_learner_state
 
 
 def _pool(rng: np.random.Generator, n: int, d: int = 128) -> np.ndarray:
@@ -100,3 +100,30 @@ def test_a_dead_model_process_is_a_named_error(host: ModelHost) -> None:
     assert not host.alive()
     with pytest.raises(ModelHostError, match=r"model process died \(exit code -9\).*'c1'"):
         _step([ps], rng, 10)
+
+
+def test_a_deferred_snapshot_holds_the_learner_as_it_was_when_asked(host: ModelHost) -> None:
+    """A checkpoint asks for the learner's bytes under the campaign's lock and collects them after
+    it: a fit asked for in between does not leak into the snapshot (the child answers in order)."""
+    rng = np.random.default_rng(4)
+    ps = _state(_pool(rng, 120))
+    ps.learner = host.adopt("c1", ps.learner)
+    _step([ps], rng, 20)
+    assert isinstance(ps.learner, RemoteLearner)
+    asked = ps.learner.predict(ps.X)
+    state = ps.learner.request_state()
+    with ps.learner.deferred():
+        without = pickle.dumps(ps)
+    _step([ps], rng, 20)  # the next fit, asked for after the state
+    later = ps.learner.predict(ps.X)
+    restored: PoolState = pickle.loads(with_learner_state(without, state.result()))
+    other = ModelHost(threads=1)
+    try:
+        restored.learner = other.adopt("c1", restored.learner)
+        got = restored.learner.predict(restored.X)
+        np.testing.assert_allclose(got[0], asked[0], rtol=0, atol=1e-12)
+        assert np.abs(got[0] - later[0]).max() > 1e-6
+    finally:
+        other.close()
+    with pytest.raises(ModelHostError, match="holds no learner state"):
+        pickle.loads(without)
