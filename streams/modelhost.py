@@ -260,10 +260,13 @@ class RemoteLearner(OnlineLearner):
         return mean, std
 
     def state_dict(self) -> dict[str, Any]:
-        return {"blob": self.detached_state()[0]}
+        blob, n_seen = self.detached_state()
+        return {"blob": blob, "n_seen": n_seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._blob = state["blob"]
+        """Become that learner, detached: :meth:`ModelHost.adopt` moves it into a child."""
+        self._host, self._synced = None, 0
+        self._blob, self._n_seen = state["blob"], int(state["n_seen"])
 
     def request_state(self) -> Future[bytes]:
         """Ask the child for the learner's bytes now: the answer is the learner as it is between

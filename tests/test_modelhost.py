@@ -127,3 +127,20 @@ def test_a_deferred_snapshot_holds_the_learner_as_it_was_when_asked(host: ModelH
         other.close()
     with pytest.raises(ModelHostError, match="holds no learner state"):
         pickle.loads(without)
+
+
+def test_state_dict_round_trip_moves_a_learner_between_processes(host: ModelHost) -> None:
+    rng = np.random.default_rng(5)
+    ps = _state(_pool(rng, 80))
+    ps.learner = host.adopt("c1", ps.learner)
+    _step([ps], rng, 15)
+    assert isinstance(ps.learner, RemoteLearner)
+    copy = RemoteLearner(None, "c1", "gp", "cpu", 0)
+    copy.load_state_dict(ps.learner.state_dict())
+    assert not copy.attached and copy.n_seen == ps.learner.n_seen
+    other = ModelHost(threads=1)
+    try:
+        moved = other.adopt("c1", copy)
+        np.testing.assert_allclose(moved.predict(ps.X)[0], ps.learner.predict(ps.X)[0], rtol=0, atol=1e-12)
+    finally:
+        other.close()
