@@ -130,10 +130,6 @@ class ModelHost:
         self._reader = threading.Thread(target=self._read_replies, name="labloop-model-replies", daemon=True)
         self._reader.start()
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
     def alive(self) -> bool:
         return self._proc.poll() is None
 
@@ -187,7 +183,7 @@ class ModelHost:
         else:
             blob, n_seen = pickle.dumps(learner, pickle.HIGHEST_PROTOCOL), learner.n_seen
         device = self.call("load", key, blob)
-        return RemoteLearner(self, key, getattr(learner, "name", "learner"), device, n_seen)
+        return RemoteLearner(self, key, learner.name, device, n_seen)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Ask the child to exit; kill it if it does not."""

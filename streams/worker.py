@@ -304,9 +304,7 @@ class LabloopWorker:
                     inline = self.snapshot_cpu_s.get(campaign_id, math.inf) <= self.settings.checkpoint_inline_s
                     with remote.deferred() if remote is not None else contextlib.nullcontext():
                         if inline:  # small: a thread would wait for the interpreter lock longer than the pickle takes
-                            c0 = time.thread_time()
-                            blob = pickle.dumps(rt, pickle.HIGHEST_PROTOCOL)
-                            cpu = time.thread_time() - c0
+                            blob, cpu = _pickle_timed(rt)
                         else:  # large: on a thread, so that the loop keeps serving the other campaigns
                             blob, cpu = await loop.run_in_executor(self.chem_pool, _pickle_timed, rt)
                     t2 = time.perf_counter()
