@@ -104,7 +104,7 @@ class Decoded:
 def _load(path: Path) -> _Schema:
     try:
         raw = json.loads(path.read_text())
-        parsed = fastavro.parse_schema(_strip_logical(copy.deepcopy(raw)), _write_hint=False)
+        parsed = fastavro.parse_schema(_strip_logical(copy.deepcopy(raw)))
         canonical = to_parsing_canonical_form(raw)
     except (OSError, ValueError, fastavro.schema.SchemaParseException) as exc:
         raise SchemaError(f"cannot load schema {path}: {exc}") from exc
@@ -236,7 +236,7 @@ class Codec:
         short = raw["name"].rsplit(".", 1)[-1]
         if short not in self.current:
             raise UnknownSchema(f"schema id {sid} is {raw['name']!r}, not a labloop event")
-        s = _Schema(self.current[short].name, text, fastavro.parse_schema(_strip_logical(raw), _write_hint=False), b"")
+        s = _Schema(self.current[short].name, text, fastavro.parse_schema(_strip_logical(raw)), b"")
         self._by_id[sid] = s
         return s
 
