@@ -15,7 +15,7 @@ from typing import Any
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as _faust_aiokafka
 
-__all__ = ["SCHEME", "Transport"]
+__all__ = ["SCHEME", "Transport", "set_fetch_max_wait"]
 
 SCHEME = "labloop"
 DEFAULT_FETCH_MAX_WAIT_MS = 1500
@@ -40,3 +40,16 @@ class Transport(_faust_aiokafka.Transport):
 
 
 TRANSPORTS.aliases[SCHEME] = f"{__name__}:Transport"
+
+
+def set_fetch_max_wait(app: Any, ms: int) -> bool:
+    """Set the long-poll of ``app``'s consumer for its next fetch requests (aiokafka builds every
+    request from its fetcher's ``_fetch_max_wait_ms``; a request in flight keeps its wait).
+    Returns False when the consumer has not started yet."""
+    thread = getattr(app.consumer, "_thread", None)
+    consumer = getattr(thread, "_consumer", None)
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is None:
+        return False
+    fetcher._fetch_max_wait_ms = int(ms)
+    return True

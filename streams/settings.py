@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: Path | None = None
     kafka_session_timeout_s: float = Field(6.0, description="consumer session timeout; Tansu joins take half of it")
     kafka_fetch_max_wait_ms: int = Field(20, description="worker fetch long-poll; Tansu holds every fetch this long")
+    kafka_fetch_max_wait_backlog_ms: int = Field(
+        500, description="worker fetch long-poll while a readings input is more than backlog_messages behind")
     schema_registry_url: str | None = Field(None, description="Confluent Schema Registry; unset = single-object Avro")
     schema_registry_auth: SecretStr | None = Field(None, description="user:password for the registry")
 

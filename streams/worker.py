@@ -47,6 +47,7 @@ from schemas import TOPICS, Codec, LabloopError
 from schemas.types import Record
 from streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms
 from streams.checkpoint import CheckpointStore
+from streams.faust_transport import set_fetch_max_wait
 from streams.modelhost import ModelHost, ModelHostError, RemoteLearner, with_learner_state
 from streams.settings import Settings
 
@@ -99,6 +100,7 @@ class LabloopWorker:
         self.changed: set[str] = set()  # campaigns whose state changed since their last snapshot
         # Per reading-carrying input partition: messages behind its high watermark after the last batch.
         self.lag: dict[tuple[str, int], int] = {}
+        self._fetch_wait_ms = settings.kafka_fetch_max_wait_ms  # the consumer starts with it
         self.snapshot_cpu_s: dict[str, float] = {}  # per campaign: CPU seconds its last snapshot's pickle took
         self.topics = {role: app.topic(t.name, key_type=bytes, value_type=bytes, partitions=t.partitions)
                        for role, t in TOPICS.items()}
@@ -252,35 +254,41 @@ class LabloopWorker:
         share = self.settings.backlog_fit_share
         return 0.0 if share >= 1.0 or not self.behind() else fit_s * (1.0 / share - 1.0)
 
-    def observe_lag(self, events: list[Any]) -> None:
-        """After a batch of readings or plates: how far each of its partitions is behind."""
-        last: dict[Any, int] = {}
-        for ev in events:
-            last[ev.message.tp] = ev.message.offset
-        for tp, off in last.items():
+    def observe_lag(self, spans: dict[Any, tuple[int, int]]) -> None:
+        """After a batch of readings or plates (``spans``: see :func:`spans`): how far each of
+        its partitions is behind."""
+        for tp, (_, last) in spans.items():
             try:
                 hw = self.app.consumer.highwater(tp)
             except (AssertionError, ConsumerNotStarted) as exc:  # not assigned (a rebalance), not started
                 log.debug("no high watermark for %s: %r", tp, exc)
                 continue
             if hw is not None and hw >= 0:  # None until a fetch for it was answered
-                self.lag[(tp.topic, tp.partition)] = hw - off - 1
+                self.lag[(tp.topic, tp.partition)] = hw - last - 1
+        wait = self.fetch_wait_ms()
+        if wait != self._fetch_wait_ms and set_fetch_max_wait(self.app, wait):
+            log.debug("fetch long-poll now %d ms", wait)
+            self._fetch_wait_ms = wait
+
+    def fetch_wait_ms(self) -> int:
+        """The consumer's long-poll for the state :meth:`behind` reports: short when live (Tansu
+        holds every fetch for the whole wait, so it is the latency of an idle input), long under a
+        backlog, where the fetches of idle partitions every few ms cost the drain CPU."""
+        s = self.settings
+        return s.kafka_fetch_max_wait_backlog_ms if self.behind() else s.kafka_fetch_max_wait_ms
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def handling(self, events: list[Any]) -> None:
+    def handling(self, spans: dict[Any, tuple[int, int]]) -> None:
         """A batch starts: on each of its partitions, everything below its first offset was handled."""
-        lo: dict[tuple[str, int], int] = {}
-        for ev in events:
-            tp = (ev.message.topic, ev.message.partition)
-            lo[tp] = min(lo.get(tp, ev.message.offset), ev.message.offset)
-        self.floors.update(lo)
+        for tp, (first, _) in spans.items():
+            self.floors[(tp.topic, tp.partition)] = first
         self.dirty = True
 
-    def handled(self, events: list[Any]) -> None:
+    def handled(self, spans: dict[Any, tuple[int, int]]) -> None:
         """A batch is done: its partitions are handled up to its last offset."""
-        for ev in events:
-            tp = (ev.message.topic, ev.message.partition)
-            self.floors[tp] = max(self.floors[tp], ev.message.offset + 1)
+        for tp, (_, last) in spans.items():
+            key = (tp.topic, tp.partition)
+            self.floors[key] = max(self.floors[key], last + 1)
 
     async def _snapshot(self, campaign_id: str) -> bytes:
         loop = asyncio.get_running_loop()
@@ -456,6 +464,18 @@ class LabloopWorker:
                 self.tick(cid)
 
 
+def spans(events: list[Any]) -> dict[Any, tuple[int, int]]:
+    """Per topic-partition of a micro-batch (Faust ``TP``), its first and last offsets, in one pass.
+    A partition's events arrive in offset order."""
+    out: dict[Any, tuple[int, int]] = {}
+    for ev in events:
+        m = ev.message
+        tp = m.tp
+        span = out.get(tp)
+        out[tp] = (m.offset, m.offset) if span is None else (span[0], m.offset)
+    return out
+
+
 def _pickle_timed(obj: Any) -> tuple[bytes, float]:
     """``pickle.dumps(obj)`` and the CPU seconds it took on this thread."""
     c0 = time.thread_time()
@@ -487,11 +507,12 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
             async for events in stream.take_events(n, within=within):
                 t0 = time.perf_counter()
                 batch = list(events)
-                w.handling(batch)
+                tps = spans(batch)
+                w.handling(tps)
                 await handler(batch)
-                w.handled(batch)
+                w.handled(tps)
                 if role in ("readings", "plates"):
-                    w.observe_lag(batch)
+                    w.observe_lag(tps)
                 log.debug("%s: %d events in %.3fs", role, len(events), time.perf_counter() - t0)
 
         run.__name__ = f"on_{role}"

@@ -1,4 +1,4 @@
-"""Model updates under a backlog: paced so that draining it keeps the cores, never paced otherwise."""
+"""Under a backlog: fits paced so that draining it keeps the cores, and a long fetch poll; neither otherwise."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from streams.faust_transport import set_fetch_max_wait
 from streams.settings import Settings
 from streams.worker import create_app
 
@@ -24,3 +25,18 @@ def test_a_share_of_one_never_paces(tmp_path: Path) -> None:
     _, w = create_app(Settings(data_dir=tmp_path, backlog_fit_share=1.0), "127.0.0.1:9")
     w.lag[("labloop.plates", 2)] = 10**6
     assert w.behind() and w._pace(0.5) == 0.0
+
+
+def test_the_fetch_long_poll_is_long_only_under_a_backlog(tmp_path: Path) -> None:
+    _, w = create_app(Settings(data_dir=tmp_path, backlog_messages=1000, kafka_fetch_max_wait_ms=20,
+                               kafka_fetch_max_wait_backlog_ms=500), "127.0.0.1:9")
+    assert w.fetch_wait_ms() == 20
+    w.lag[("labloop.readings", 1)] = 1001
+    assert w.fetch_wait_ms() == 500
+    w.lag[("labloop.readings", 1)] = 0
+    assert w.fetch_wait_ms() == 20
+
+
+def test_the_long_poll_waits_for_a_started_consumer(tmp_path: Path) -> None:
+    app, _ = create_app(Settings(data_dir=tmp_path), "127.0.0.1:9")
+    assert set_fetch_max_wait(app, 500) is False  # no fetcher yet: the worker tries again after its next batch
