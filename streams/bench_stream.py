@@ -52,6 +52,10 @@ class StreamBenchConfig:
     latency_seconds: float = 10.0
     latency_warmup_s: float = 3.0
     latency_pool: int = 10_000
+    #: linger of the readings' producer in the latency phase: labloop's publisher default
+    #: (``make_producer``, as ``labloop publish`` sends). 1 ms makes the broker answer about one
+    #: produce request per reading; the wait is inside the measured latency either way.
+    latency_linger_ms: int = 5
     workers: int = 1
     seed: int = 0
     phases: tuple[str, ...] = ("plates", "singles", "latency", "sink")
@@ -206,15 +210,16 @@ def _raw_drain(bootstrap: str, topic: str, n_readings: int, codec: Codec) -> flo
     return asyncio.run(run())
 
 
-def _faust_take(bootstrap: str, topic: str, n: int) -> float:
-    """Messages/s of a bare Faust agent that only drains ``topic`` with ``stream.take()``."""
+def _faust_take(bootstrap: str, topic: str, n: int) -> dict[str, Any]:
+    """A bare Faust agent that only drains ``topic`` with ``stream.take()``: ``messages_per_s``,
+    and the ``messages`` and ``seconds`` after its first batch (``first_batch`` messages)."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "result.json"
         proc = subprocess.run([sys.executable, "-m", "streams.bench_stream", bootstrap, topic, str(n), str(out), d],
                               capture_output=True, text=True, timeout=600)
         if not out.exists():
             raise RuntimeError(f"faust take baseline failed: {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
-        return float(json.loads(out.read_text())["messages_per_s"])
+        return dict(json.loads(out.read_text()))
 
 
 def _take_main(bootstrap: str, topic: str, n: int, out: str, datadir: str) -> None:
@@ -224,17 +229,20 @@ def _take_main(bootstrap: str, topic: str, n: int, out: str, datadir: str) -> No
                     web_enabled=False, topic_allow_declare=False, topic_disable_leader=True, broker_session_timeout=6,
                     consumer_auto_offset_reset="earliest", datadir=datadir)
     src = app.topic(topic, value_type=bytes)
-    state = {"n": 0, "t0": 0.0}
+    state = {"n": 0, "t0": 0.0, "first": 0}
 
     @app.agent(src)
     async def drain(stream: Any) -> None:
+        # The clock starts when the first batch is handed over, so that batch (up to ``within`` worth
+        # of messages, taken before the clock started) is not counted: the rate is of what followed.
         async for batch in stream.take(10_000, within=0.5):
             if not state["n"]:
-                state["t0"] = time.perf_counter() - 1e-9
+                state["t0"], state["first"] = time.perf_counter(), len(batch)
             state["n"] += len(batch)
             if state["n"] >= n:
-                rate = state["n"] / (time.perf_counter() - state["t0"])
-                Path(out).write_text(json.dumps({"messages_per_s": rate, "messages": state["n"]}))
+                counted, seconds = state["n"] - state["first"], time.perf_counter() - state["t0"]
+                Path(out).write_text(json.dumps({"messages_per_s": counted / seconds, "messages": counted,
+                                                 "seconds": seconds, "first_batch": state["first"]}))
                 os._exit(0)
 
     from faust.worker import Worker
@@ -334,7 +342,9 @@ def run_stream_bench(settings: Settings, cfg: StreamBenchConfig, console: Consol
             # (seconds since publishing began, readings the model had learned, that fit's seconds): where the time went
             res["singles_progress"] = [(round(t - t0, 3), r["n_readings"] - base, round(r["train_s"], 3)) for t, r in mon.updates
                                        if r["campaign_id"] == cid and t >= t0]
-            res["faust_take_messages_per_s"] = _faust_take(stack.bootstrap, TOPICS["readings"].name, cfg.single_readings)
+            take = _faust_take(stack.bootstrap, TOPICS["readings"].name, cfg.single_readings)
+            res["faust_take_messages_per_s"] = take.pop("messages_per_s")
+            res["faust_take"] = take
         mon.close()
 
         if "latency" in cfg.phases:  # 3. latency at a fixed offered load on one large campaign
@@ -345,7 +355,7 @@ def run_stream_bench(settings: Settings, cfg: StreamBenchConfig, console: Consol
             warm = int(cfg.latency_rate * cfg.latency_warmup_s)  # steady state: the first seconds are not measured
             comp = rng.integers(0, cfg.latency_pool, warm + n)
             sent = np.zeros(warm + n)
-            lat_producer = make_producer(stack.kafka_config, **{"linger.ms": 1})
+            lat_producer = make_producer(stack.kafka_config, **{"linger.ms": cfg.latency_linger_ms})
             t0 = time.perf_counter()
             for i in range(warm + n):
                 due = t0 + i / cfg.latency_rate
@@ -420,7 +430,8 @@ def print_stream_bench(res: dict[str, Any], console: Console) -> None:
                   f"one chDB Arrow insert (sink). Load: {s['plate_readings']:,} readings in plates of {s['plate_size']} over "
                   f"{s['campaigns']} campaigns x {s['pool_per_campaign']} compounds; {s['single_readings']:,} single "
                   f"readings; {s['latency_rate']:.0f} readings/s for {s['latency_seconds']:.0f}s on a "
-                  f"{s['latency_pool']:,}-compound campaign after {s['latency_warmup_s']:.0f}s of warm-up at the same rate. "
+                  f"{s['latency_pool']:,}-compound campaign after {s['latency_warmup_s']:.0f}s of warm-up at the same rate, "
+                  f"published one message per reading with a {s['latency_linger_ms']} ms producer linger. "
                   f"Phases run: {', '.join(s['phases'])}.")
     if "latency_fit_s" in res:
         console.print(f"  latency: warm-up p99 {res['latency_warmup_p99_ms'] or 0:.0f} ms; {res['latency_model_updates']} "

@@ -483,6 +483,7 @@ def bench_stream(
     campaigns: Annotated[int, typer.Option(min=1, max=4)] = 4,
     latency_rate: float = 1000.0,
     latency_seconds: float = 10.0,
+    latency_linger_ms: Annotated[int, typer.Option(min=0, help="linger of the readings' producer in the latency phase")] = 5,
     phase: Annotated[list[str] | None, typer.Option(help="run only these phases: plates, singles, latency, sink")] = None,
     report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
 ) -> None:
@@ -499,7 +500,8 @@ def bench_stream(
     with tempfile.TemporaryDirectory() as d:
         s = s.model_copy(update={"data_dir": Path(d), "clickhouse_http_port": free_port()})
         cfg = StreamBenchConfig(campaigns=campaigns, plate_readings=plate_readings, single_readings=single_readings,
-                                latency_rate=latency_rate, latency_seconds=latency_seconds, workers=workers,
+                                latency_rate=latency_rate, latency_seconds=latency_seconds,
+                                latency_linger_ms=latency_linger_ms, workers=workers,
                                 phases=tuple(phase) if phase else StreamBenchConfig.phases)
         res = run_stream_bench(s, cfg, console)
     print_stream_bench(res, console)
