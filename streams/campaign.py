@@ -7,6 +7,7 @@ logic here makes it testable and keeps the agents thin.
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from schemas.types import Record
 __all__ = ["DEFAULTS", "CampaignDefaults", "CampaignRuntime", "Emit", "PREDICTION_CHUNK", "PredictionWriter", "Raw",
            "Update", "now_ms"]
 
+_SEEN_CHUNKS = 64  # seen_readings chunks before a checkpoint packs them into one again
 PREDICTION_CHUNK = 2000  # items per Prediction message: ~60 kB, well under broker limits
 
 
@@ -158,6 +160,31 @@ class CampaignRuntime:
     model_offsets: dict[int, dict[str, int]] = field(default_factory=dict)
     done_announced: bool = False
     _staged: list[np.ndarray] = field(default_factory=list)
+    # Checkpoints pack seen_readings incrementally: ids applied since the last pickle, and the
+    # pickled chunks of those before (a snapshot then costs the new ids, not all of them).
+    _seen_new: list[str] = field(default_factory=list, repr=False)
+    _seen_chunks: list[bytes] = field(default_factory=list, repr=False)
+    _seen_packed: int = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for checkpoints, ``seen_readings`` as chunks: only the ids applied since the
+        last pickle are pickled anew (all of them again if the set was changed directly, or once
+        per ``_SEEN_CHUNKS`` snapshots, so the chunks stay few)."""
+        if len(self.seen_readings) != self._seen_packed + len(self._seen_new) or len(self._seen_chunks) >= _SEEN_CHUNKS:
+            self._seen_chunks, self._seen_packed, self._seen_new = [], 0, list(self.seen_readings)
+        if self._seen_new:
+            self._seen_chunks.append(pickle.dumps(self._seen_new, pickle.HIGHEST_PROTOCOL))
+            self._seen_packed += len(self._seen_new)
+            self._seen_new = []
+        return {**self.__dict__, "seen_readings": None, "_seen_new": [], "_seen_chunks": list(self._seen_chunks)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        chunks = state.get("_seen_chunks", [])
+        if state.get("seen_readings") is None:
+            state["seen_readings"] = {rid for chunk in chunks for rid in pickle.loads(chunk)}
+        self.__dict__.update(state)
+        self._seen_new, self._seen_chunks = [], list(chunks)
+        self._seen_packed = len(self.seen_readings) if chunks else 0
 
     # ---- inputs -------------------------------------------------------------------------
     def define(self, record: Record) -> None:
@@ -213,7 +240,7 @@ class CampaignRuntime:
         if objective and unit != d["unit"]:
             return [InvalidEvent(f"reading {r['reading_id']}: unit {unit!r}, campaign expects {d['unit']!r}", k)
                     for k, r in enumerate(readings)]
-        index, seen, requests = self.index, self.seen_readings, self.requests
+        index, seen, requests, new_ids = self.index, self.seen_readings, self.requests, self._seen_new
         errors: list[InvalidEvent] = []
         idx: list[int] = []
         vals: list[float] = []
@@ -238,6 +265,7 @@ class CampaignRuntime:
                     continue
                 rq.status = "COMPLETED"
             seen.add(rid)
+            new_ids.append(rid)
             self.n_readings += 1
             if objective:
                 idx.append(ci)
