@@ -395,6 +395,9 @@ class LabloopWorker:
                 continue
             by_campaign[r["campaign_id"]].append((ev, r))
         for cid, items in by_campaign.items():
+            if cid not in self.campaigns:  # a dead letter each, and no state kept for an id that may be junk
+                await self._unknown_campaign(cid, [(ev, r["assay_id"], r["unit"], [r]) for ev, r in items])
+                continue
             rejected: list[tuple[Any, LabloopError]] = []
             async with self.locks[cid]:
                 rt = self.campaign(cid)
@@ -417,11 +420,23 @@ class LabloopWorker:
                 await self.dead_letter(ev, "validate", problem)
             self.tick(cid)
 
+    async def _unknown_campaign(self, campaign_id: str, messages: list[tuple[Any, str, str, list[Record]]]) -> None:
+        """Readings of a campaign this worker does not know (``(event, assay, unit, readings)`` per
+        message): dead-lettered with the same error a known but undefined campaign gives, and no
+        runtime made, so junk campaign ids leave nothing behind (a recovery replay skips them too)."""
+        probe = CampaignRuntime(campaign_id)
+        for ev, assay, unit, readings in messages:
+            for exc in probe.apply_readings(assay, unit, readings):
+                await self.dead_letter(ev, "validate", exc)
+
     async def on_plates(self, events: list[Any]) -> None:
         """One plate at a time: plate-level checks once, then the wells in a tight loop."""
         touched: set[str] = set()
         async for ev, plate in self.decoded(events, ("PlateReadout",)):
             cid = plate["campaign_id"]
+            if cid not in self.campaigns:
+                await self._unknown_campaign(cid, [(ev, plate["assay_id"], plate["unit"], plate["wells"])])
+                continue
             async with self.locks[cid]:
                 rt = self.campaign(cid)
                 errors = rt.apply_readings(plate["assay_id"], plate["unit"], plate["wells"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from streams.runtime import Stack
 
 DATA = Path(__file__).parent / "data" / "tpsa_300.csv"
 CID = "tpsa-it"
+GHOST = "ghost-it"  # a campaign id nobody defines
 BUDGET, INIT, BATCH = 100, 20, 20
 
 
@@ -88,6 +90,17 @@ def loop(stack: Stack, codec: Codec, ch: Any) -> dict[str, Any]:
     for raw in poison:
         producer.produce(TOPICS["readings"].name, key=CID.encode(), value=raw, on_delivery=on_delivery)
     producer.flush(10)
+    # Readings of a campaign nobody defined, alone and as a plate: dead letters, and no state for the id.
+    ghost: list[tuple[str, int, int]] = []
+    producer.produce(TOPICS["readings"].name, key=GHOST.encode(), value=codec.encode("AssayReading", {
+        **good, "reading_id": "g-1", "campaign_id": GHOST, "compound_id": some_compound}),
+        on_delivery=lambda err, msg: ghost.append((msg.topic(), msg.partition(), msg.offset())))
+    producer.produce(TOPICS["plates"].name, key=GHOST.encode(), value=codec.encode("PlateReadout", {
+        "plate_id": "g-plate", "campaign_id": GHOST, "assay_id": "tpsa", "unit": "A^2", "instrument_id": "poison",
+        "event_time": 0, "ingest_time": 0, "wells": [{"reading_id": "g-2", "compound_id": some_compound, "value": 1.0,
+                                                       "qualifier": "EQ", "request_id": None, "well": "A1"}]}),
+        on_delivery=lambda err, msg: ghost.append((msg.topic(), msg.partition(), msg.offset())))
+    producer.flush(10)
     producer.close()
 
     oracle = Oracle.from_csv(DATA, "smiles", "tpsa")
@@ -98,7 +111,7 @@ def loop(stack: Stack, codec: Codec, ch: Any) -> dict[str, Any]:
     finally:
         lab.stop()
     assert not lab.errors
-    return {"final": final, "lab": lab, "poison": delivered, "oracle": oracle}
+    return {"final": final, "lab": lab, "poison": delivered, "oracle": oracle, "ghost": ghost}
 
 
 def test_budget_spent_once_per_compound(loop: dict[str, Any], ch: Any) -> None:
@@ -176,6 +189,29 @@ def test_poison_is_dead_lettered_with_provenance(loop: dict[str, Any], ch: Any) 
     bad_smiles = ch.query(f"SELECT count() FROM dead_letters WHERE source_topic='{TOPICS['compounds'].name}' "
                           f"AND error_class='InvalidMolecule'").result_rows[0][0]
     assert bad_smiles == 2
+
+
+def test_readings_of_an_unknown_campaign_leave_no_state(loop: dict[str, Any], ch: Any, stack: Stack) -> None:
+    where = " OR ".join(f"(source_topic='{t}' AND source_partition={p} AND source_offset={o})" for t, p, o in loop["ghost"])
+    assert len(loop["ghost"]) == 2
+    _settle(ch, f"SELECT count() FROM dead_letters WHERE {where}", 2)
+    rows = ch.query(f"SELECT error_class, error_message, source_key, toUnixTimestamp64Milli(event_time) "
+                    f"FROM dead_letters WHERE {where}").result_rows
+    assert len(rows) == 2 and all(c == "InvalidEvent" and f"unknown campaign '{GHOST}'" in m and k == GHOST
+                                  for c, m, k, _ in rows)
+    # The worker made no runtime for the id: a checkpoint written after those dead letters names the
+    # loop's campaign and not the ghost (each campaign the worker holds is in every checkpoint's index).
+    after_ms = max(t for *_, t in rows)
+    deadline = time.monotonic() + 3 * stack.settings.checkpoint_interval_s
+    index: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        paths = list((stack.settings.data_dir / "checkpoints").glob("*/index.pkl"))
+        index = pickle.loads(paths[0].read_bytes()) if paths else {}
+        if index and index["written_at"] * 1000 > after_ms:
+            break
+        time.sleep(0.5)
+    assert index and index["written_at"] * 1000 > after_ms, "no checkpoint written after the dead letters"
+    assert CID in index["campaigns"] and GHOST not in index["campaigns"]
 
 
 def test_create_tables_adds_columns_of_newer_schemas(tmp_path: Path) -> None:
