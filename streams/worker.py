@@ -255,7 +255,7 @@ class LabloopWorker:
         return 0.0 if share >= 1.0 or not self.behind() else fit_s * (1.0 / share - 1.0)
 
     def observe_lag(self, spans: dict[Any, tuple[int, int]]) -> None:
-        """After a batch of readings or plates (``spans``: see :func:`spans`): how far each of
+        """After a batch of readings or plates (``spans``: see :func:`_spans`): how far each of
         its partitions is behind."""
         for tp, (_, last) in spans.items():
             try:
@@ -479,7 +479,7 @@ class LabloopWorker:
                 self.tick(cid)
 
 
-def spans(events: list[Any]) -> dict[Any, tuple[int, int]]:
+def _spans(events: list[Any]) -> dict[Any, tuple[int, int]]:
     """Per topic-partition of a micro-batch (Faust ``TP``), its first and last offsets, in one pass.
     A partition's events arrive in offset order."""
     out: dict[Any, tuple[int, int]] = {}
@@ -522,7 +522,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
             async for events in stream.take_events(n, within=within):
                 t0 = time.perf_counter()
                 batch = list(events)
-                tps = spans(batch)
+                tps = _spans(batch)
                 w.handling(tps)
                 await handler(batch)
                 w.handled(tps)
