@@ -53,8 +53,8 @@ class StreamBenchConfig:
     latency_warmup_s: float = 3.0
     latency_pool: int = 10_000
     #: linger of the readings' producer in the latency phase: labloop's publisher default
-    #: (``make_producer``, as ``labloop publish`` sends). 1 ms makes the broker answer about one
-    #: produce request per reading; the wait is inside the measured latency either way.
+    #: (``make_producer``, as ``labloop publish`` sends). At 1 ms, readings 1 ms apart go nearly one
+    #: per produce request; the wait is inside the measured latency either way.
     latency_linger_ms: int = 5
     workers: int = 1
     seed: int = 0

@@ -21,7 +21,7 @@ from schemas.codec import avro_string
 from schemas.types import Record
 
 __all__ = ["DEFAULTS", "CampaignDefaults", "CampaignRuntime", "Emit", "PREDICTION_CHUNK", "PredictionWriter", "Raw",
-           "Update", "now_ms"]
+           "Update", "now_ms", "unknown_campaign"]
 
 _SEEN_CHUNKS = 64  # seen_readings chunks before a checkpoint packs them into one again
 PREDICTION_CHUNK = 2000  # items per Prediction message: ~60 kB, well under broker limits
@@ -135,6 +135,12 @@ class _Request:
     status: str = "REQUESTED"
 
 
+def unknown_campaign(campaign_id: str, readings: list[Record]) -> InvalidEvent:
+    """The error for readings (records with ``reading_id``) of a campaign not defined here."""
+    ids = ", ".join(r["reading_id"] for r in readings[:3]) + (" ..." if len(readings) > 3 else "")
+    return InvalidEvent(f"{len(readings)} reading(s) ({ids}) for unknown campaign {campaign_id!r}")
+
+
 @dataclass
 class CampaignRuntime:
     """Pool, model, requests and seen readings of one campaign.
@@ -233,8 +239,7 @@ class CampaignRuntime:
         campaign is unknown (``index`` None); the others are applied.
         """
         if self.definition is None or self.pool is None:
-            ids = ", ".join(r["reading_id"] for r in readings[:3]) + (" ..." if len(readings) > 3 else "")
-            return [InvalidEvent(f"{len(readings)} reading(s) ({ids}) for unknown campaign {self.campaign_id!r}")]
+            return [unknown_campaign(self.campaign_id, readings)]
         d = self.definition
         objective = assay_id == d["objective_assay_id"]
         if objective and unit != d["unit"]:

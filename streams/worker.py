@@ -45,7 +45,7 @@ from models.chem import featurize_mols
 from models.learners import pack_rows
 from schemas import TOPICS, Codec, LabloopError
 from schemas.types import Record
-from streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms
+from streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms, unknown_campaign
 from streams.checkpoint import CheckpointStore
 from streams.faust_transport import set_fetch_max_wait
 from streams.modelhost import ModelHost, ModelHostError, RemoteLearner, with_learner_state
@@ -273,7 +273,7 @@ class LabloopWorker:
     def fetch_wait_ms(self) -> int:
         """The consumer's long-poll for the state :meth:`behind` reports: short when live (Tansu
         holds every fetch for the whole wait, so it is the latency of an idle input), long under a
-        backlog, where the fetches of idle partitions every few ms cost the drain CPU."""
+        backlog, which drained single readings about a fifth faster (README, "How the worker keeps up")."""
         s = self.settings
         return s.kafka_fetch_max_wait_backlog_ms if self.behind() else s.kafka_fetch_max_wait_ms
 
@@ -396,7 +396,7 @@ class LabloopWorker:
             by_campaign[r["campaign_id"]].append((ev, r))
         for cid, items in by_campaign.items():
             if cid not in self.campaigns:  # a dead letter each, and no state kept for an id that may be junk
-                await self._unknown_campaign(cid, [(ev, r["assay_id"], r["unit"], [r]) for ev, r in items])
+                await self._unknown_campaign(cid, [(ev, [r]) for ev, r in items])
                 continue
             rejected: list[tuple[Any, LabloopError]] = []
             async with self.locks[cid]:
@@ -420,14 +420,12 @@ class LabloopWorker:
                 await self.dead_letter(ev, "validate", problem)
             self.tick(cid)
 
-    async def _unknown_campaign(self, campaign_id: str, messages: list[tuple[Any, str, str, list[Record]]]) -> None:
-        """Readings of a campaign this worker does not know (``(event, assay, unit, readings)`` per
-        message): dead-lettered with the same error a known but undefined campaign gives, and no
-        runtime made, so junk campaign ids leave nothing behind (a recovery replay skips them too)."""
-        probe = CampaignRuntime(campaign_id)
-        for ev, assay, unit, readings in messages:
-            for exc in probe.apply_readings(assay, unit, readings):
-                await self.dead_letter(ev, "validate", exc)
+    async def _unknown_campaign(self, campaign_id: str, messages: list[tuple[Any, list[Record]]]) -> None:
+        """Readings of a campaign this worker does not know (``(event, readings)`` per message):
+        dead-lettered with the error a known but undefined campaign gives, and no runtime made,
+        so junk campaign ids leave nothing behind (a recovery replay skips them too)."""
+        for ev, readings in messages:
+            await self.dead_letter(ev, "validate", unknown_campaign(campaign_id, readings))
 
     async def on_plates(self, events: list[Any]) -> None:
         """One plate at a time: plate-level checks once, then the wells in a tight loop."""
@@ -435,7 +433,7 @@ class LabloopWorker:
         async for ev, plate in self.decoded(events, ("PlateReadout",)):
             cid = plate["campaign_id"]
             if cid not in self.campaigns:
-                await self._unknown_campaign(cid, [(ev, plate["assay_id"], plate["unit"], plate["wells"])])
+                await self._unknown_campaign(cid, [(ev, plate["wells"])])
                 continue
             async with self.locks[cid]:
                 rt = self.campaign(cid)
