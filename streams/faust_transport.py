@@ -10,12 +10,15 @@ transport (URL scheme ``labloop://``) and sets the wait from its settings.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as _faust_aiokafka
 
 __all__ = ["SCHEME", "Transport", "set_fetch_max_wait"]
+
+log = logging.getLogger(__name__)
 
 SCHEME = "labloop"
 DEFAULT_FETCH_MAX_WAIT_MS = 1500
@@ -51,5 +54,13 @@ def set_fetch_max_wait(app: Any, ms: int) -> bool:
     fetcher = getattr(consumer, "_fetcher", None)
     if fetcher is None:
         return False
+    if not hasattr(fetcher, "_fetch_max_wait_ms"):  # another aiokafka: say so once, keep the wait it has
+        if not _warned:
+            log.warning("aiokafka's fetcher has no _fetch_max_wait_ms: the fetch long-poll stays as started")
+            _warned.append(True)
+        return False
     fetcher._fetch_max_wait_ms = int(ms)
     return True
+
+
+_warned: list[bool] = []

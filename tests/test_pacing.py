@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from consumers.kafka import make_producer
+from schemas import TOPICS
 from streams.faust_transport import set_fetch_max_wait
+from streams.runtime import EmbeddedBroker, ensure_topics
 from streams.settings import Settings
 from streams.worker import create_app
 
@@ -40,3 +44,35 @@ def test_the_fetch_long_poll_is_long_only_under_a_backlog(tmp_path: Path) -> Non
 def test_the_long_poll_waits_for_a_started_consumer(tmp_path: Path) -> None:
     app, _ = create_app(Settings(data_dir=tmp_path), "127.0.0.1:9")
     assert set_fetch_max_wait(app, 500) is False  # no fetcher yet: the worker tries again after its next batch
+
+
+def test_the_long_poll_reaches_a_running_aiokafka_fetcher(broker: EmbeddedBroker) -> None:
+    """The path the worker sets (Faust's consumer thread -> aiokafka consumer -> fetcher), on a
+    real consumer of the embedded broker; the next fetches then use the new wait."""
+    import asyncio
+
+    from aiokafka import AIOKafkaConsumer
+
+    conf = {"bootstrap.servers": broker.bootstrap}
+    ensure_topics(conf)
+    topic = TOPICS["status"].name
+
+    async def run() -> tuple[bool, int, bytes]:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=broker.bootstrap, group_id="long-poll-test",
+                                    auto_offset_reset="latest", fetch_max_wait_ms=20, session_timeout_ms=6000)
+        await consumer.start()
+        try:
+            while not consumer.assignment():
+                await asyncio.sleep(0.05)
+            app = SimpleNamespace(consumer=SimpleNamespace(_thread=SimpleNamespace(_consumer=consumer)))
+            ok = set_fetch_max_wait(app, 321)
+            await asyncio.sleep(0.5)  # past the partition position lookup
+            p = make_producer(conf)
+            p.produce(topic, key=b"k", value=b"after")
+            p.flush(10)
+            got = await asyncio.wait_for(consumer.getone(), 10)
+            return ok, consumer._fetcher._fetch_max_wait_ms, got.value
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(run()) == (True, 321, b"after")
