@@ -248,6 +248,11 @@ class TanimotoGP(OnlineLearner):
         self._rows: dict[int, int] = {}  # compound key -> row
         self._seen = 0
         self._fit: dict[str, Any] | None = None
+        # The last incremental change of _stats: (stats before, stats after, phi of the new rows, counts).
+        self._delta: tuple[Any, Any, torch.Tensor, np.ndarray] | None = None
+        # The pool's posterior quadratic form phi^T (G + rI)^-1 phi for the stats, ratio and factor it
+        # was computed with: (pool features, stats, ratio, Wv, q (m,), incremental steps since a full one).
+        self._qcache: tuple[Any, Any, float, torch.Tensor, torch.Tensor, int] | None = None
 
     @property
     def n_seen(self) -> int:
@@ -414,14 +419,20 @@ class TanimotoGP(OnlineLearner):
             y = torch.from_numpy(self._y * self._n).to(self.device, torch.float64)
             self._stats = ((Phi * c[:, None]).T @ Phi, Phi.T @ y, Phi.T @ c)
         else:  # add this update's measurements only
-            self._stats = self._add_measurements(self._stats, *self._new)
+            before = self._stats
+            X, counts, ysum = self._new
+            phi = self._landmark_features(X)
+            self._stats = self._add_measurements(before, X, counts, ysum, phi)
+            self._delta = (before, self._stats, phi, counts)
         return self._stats
 
     def _add_measurements(self, stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor], X: np.ndarray,
-                          counts: np.ndarray, ysum: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          counts: np.ndarray, ysum: np.ndarray, phi: torch.Tensor | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Statistics plus measurements of compounds ``X`` (one row each; ``counts`` and ``ysum``
-        of their measurements): one feature row per compound, however many replicates."""
-        phi = self._landmark_features(X)
+        of their measurements): one feature row per compound, however many replicates.
+        ``phi``: ``X``'s landmark features, when the caller has them."""
+        phi = self._landmark_features(X) if phi is None else phi
         c = torch.from_numpy(counts).to(self.device)
         G, b, s0 = stats
         return G + (phi * c[:, None]).T @ phi, b + phi.T @ torch.from_numpy(ysum).to(self.device), s0 + phi.T @ c
@@ -472,11 +483,42 @@ class TanimotoGP(OnlineLearner):
                 self._pool_cache = (weakref.ref(X), f["z_version"], prepared, Phi32, prior)
             except TypeError:  # not weak-referenceable (a view): no caching
                 self._pool_cache = None
-        # float32 for the m x L x L product (the cost of a pool rescoring); the sums stay float64
         mean = (Phi32 @ f["w"].float()).double()
-        proj = Phi32 @ f["Wv"].float()
-        var = prior + f["ratio"] * (proj * proj).sum(1).double()
+        var = prior + f["ratio"] * self._pool_quadratic(Phi32)
         return (mean * f["sd"] + f["mu"]).cpu().numpy(), (torch.sqrt(var * f["s2"]) * f["sd"]).cpu().numpy()
+
+    _WOODBURY_STEPS = 32  # incremental variance updates between two full ones (float32 round-off)
+
+    def _pool_quadratic(self, Phi32: torch.Tensor) -> torch.Tensor:
+        """``q_i = phi_i^T (G + rI)^-1 phi_i`` over the pool's landmark features (``m x L``, float32).
+
+        In full it is an ``m x L x L`` product, the bulk of a rescoring. When the only change since
+        the last one is this update's measurements (``G`` plus ``U U^T``, ``U`` the ``k`` new rows'
+        features weighted by their counts, same landmarks and ratio), the Woodbury identity gives
+        ``q - ||Ls^-1 (A U)^T phi||^2`` with ``A = (G_old + rI)^-1`` and ``Ls Ls^T = I + U^T A U``:
+        an ``m x L x k`` product. A full product every ``_WOODBURY_STEPS`` keeps round-off bounded.
+        """
+        f = self._fit
+        assert f is not None and self._stats is not None
+        qc, d, L = self._qcache, self._delta, Phi32.shape[1]
+        q: torch.Tensor | None = None
+        steps = 0
+        if qc is not None and qc[0] is Phi32 and qc[2] == f["ratio"]:
+            if qc[1] is self._stats:  # nothing learned since: the same form
+                q, steps = qc[4], qc[5]
+            elif d is not None and d[0] is qc[1] and d[1] is self._stats and d[2].shape[0] <= L // 2 \
+                    and qc[5] < self._WOODBURY_STEPS:
+                U = d[2].T * torch.from_numpy(np.sqrt(d[3].astype(np.float64))).to(self.device)[None, :]  # L x k
+                AU = qc[3] @ (qc[3].T @ U)
+                S = torch.eye(U.shape[1], dtype=torch.float64, device=self.device) + U.T @ AU
+                B = torch.linalg.solve_triangular(torch.linalg.cholesky(S), AU.T, upper=False)  # k x L
+                P = Phi32 @ B.T.float()
+                q, steps = qc[4] - (P * P).sum(1).double(), qc[5] + 1
+        if q is None:  # float32 for the m x L x L product; the sums stay float64
+            proj = Phi32 @ f["Wv"].float()
+            q = (proj * proj).sum(1).double()
+        self._qcache = (Phi32, self._stats, f["ratio"], f["Wv"], q, steps)
+        return q
 
     # ---- exact path ---------------------------------------------------------------------
     def _refit_exact(self) -> None:
@@ -529,7 +571,7 @@ class TanimotoGP(OnlineLearner):
         """Pickled for checkpoints: the fit itself is kept (no refit on restore), caches that
         are cheap to rebuild are not, and the training fingerprints travel sparse."""
         state = self.__dict__.copy()
-        state["_pool_cache"] = state["_redraw_job"] = None
+        state["_pool_cache"] = state["_redraw_job"] = state["_qcache"] = state["_delta"] = None
         state["_since_redraw"] = []
         state["_X"] = self._packer.pack(self._X, self._buf)
         state["_buf"] = state["_packer"] = None
@@ -542,6 +584,8 @@ class TanimotoGP(OnlineLearner):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_qcache", None)  # checkpoints from before the incremental variance
+        state.setdefault("_delta", None)
         state["_X"] = unpack_rows(state["_X"])
         state["_buf"] = state["_X"]
         state["_packer"] = RowPacker()
@@ -569,7 +613,7 @@ class TanimotoGP(OnlineLearner):
         self._seen = int(state["seen"])
         self._rows = {int(k): i for i, k in enumerate(state["keys"])}
         self.exact_max, self.landmarks = int(state["exact_max"]), int(state["landmarks"])
-        self._stats, self._pool_cache = None, None
+        self._stats, self._pool_cache, self._qcache, self._delta = None, None, None, None
         if state["Z"] is not None:
             self._set_landmarks(np.asarray(state["Z"], dtype=np.float32), int(state["z_at"]))
         self._fit = None

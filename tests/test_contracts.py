@@ -214,3 +214,29 @@ def test_gp_nystrom_statistics_stay_exact_through_background_landmark_redraws() 
     scratch.load_state_dict(g.state_dict())  # same rows, counts and landmarks, statistics from scratch
     for a, b in zip(g.predict(pool), scratch.predict(pool), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gp_pool_variance_updated_incrementally_equals_a_full_rescoring() -> None:
+    """Updates of a few compounds at a time rescore the pool's variance with the Woodbury identity
+    (an m x L x k product instead of m x L x L); it must equal the full product."""
+    from models.learners import TanimotoGP
+
+    rng = np.random.default_rng(5)
+    pool = (rng.random((800, 64)) < 0.15).astype(np.float32) * rng.integers(1, 4, (800, 64)).astype(np.float32)
+    truth = pool[:, :6].sum(1)
+    g = TanimotoGP(device="cpu", exact_max=20, landmarks=32, background_redraw=False)
+    g.update(pool[:40], truth[:40], np.arange(40))
+    g.predict(pool)
+    incremental = 0
+    for _ in range(45):
+        keys = rng.integers(0, 800, 6)  # a few compounds, replicates among them
+        g.update(pool[keys], truth[keys] + rng.normal(0, 0.1, 6), keys)
+        mean, std = g.predict(pool)
+        assert g._qcache is not None
+        incremental += g._qcache[5] > 0
+        full = TanimotoGP.__new__(TanimotoGP)
+        full.__dict__.update({**g.__dict__, "_qcache": None})  # the same fit, the variance in full
+        mean_f, std_f = full.predict(pool)
+        np.testing.assert_allclose(mean, mean_f, rtol=0, atol=0)
+        np.testing.assert_allclose(std, std_f, rtol=1e-4, atol=1e-6)
+    assert incremental >= 20  # most updates took the incremental path (a ratio change or the periodic full one resets it)
