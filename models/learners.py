@@ -103,7 +103,13 @@ class OnlineLearner(abc.ABC):
         """:meth:`update` with the observations of pool rows ``keys`` (``n`` positions into the
         ``N x d`` pool ``X_pool``). A learner that keeps its own copy of the pool overrides this
         to skip gathering rows it already has."""
+        self.reserve(X_pool.shape[0])
         self.update(X_pool[keys], y, keys)
+
+    def reserve(self, compounds: int) -> None:
+        """A hint: up to ``compounds`` distinct compounds may come (a pool's size), so storage
+        can be set aside once instead of grown, and copied, as they arrive. Default: nothing."""
+        del compounds
 
     @abc.abstractmethod
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -308,6 +314,16 @@ class TanimotoGP(OnlineLearner):
             self._refit()
         finally:
             self._new = None
+
+    def reserve(self, compounds: int) -> None:
+        """Room for the training rows of up to ``compounds`` compounds (at most ``max_train``):
+        the buffer is allocated, not touched, so memory is only used as rows arrive, and no
+        later growth copies the rows (a copy of 4,096 rows took 86 ms in an update, 8,192 177 ms)."""
+        cap, (n, d) = min(int(compounds), self.max_train), self._X.shape
+        if cap > self._buf.shape[0] and d > 0:  # d is known once the first rows came
+            buf = np.empty((cap, d), dtype=np.float32)
+            buf[:n] = self._X
+            self._buf, self._X = buf, buf[:n]
 
     def _append_rows(self, rows: np.ndarray) -> None:
         n, k = self._X.shape[0], rows.shape[0]

@@ -81,6 +81,7 @@ def _serve(conn: Connection, threads: int) -> None:  # pragma: no cover - runs i
                 raise ModelHostError(f"pool rows out of step: child has {pool.shape[0]}, parent sent from {start}")
             if rows.shape[0]:  # a new array only when the pool grew: the learner caches by the pool's identity
                 pools[key] = pool = rows.copy() if pool.size == 0 else np.concatenate([pool, rows])
+                learner.reserve(pool.shape[0])
             return learner.predict(pool)
         if op == "state":
             return pickle.dumps(learner, pickle.HIGHEST_PROTOCOL)
