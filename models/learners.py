@@ -318,7 +318,7 @@ class TanimotoGP(OnlineLearner):
     def reserve(self, compounds: int) -> None:
         """Room for the training rows of up to ``compounds`` compounds (at most ``max_train``):
         the buffer is allocated, not touched, so memory is only used as rows arrive, and no
-        later growth copies the rows (a copy of 4,096 rows took 86 ms in an update, 8,192 177 ms)."""
+        later growth copies the rows (updates that grew it past 4,096 and 8,192 rows took 86 and 177 ms)."""
         cap, (n, d) = min(int(compounds), self.max_train), self._X.shape
         if cap > self._buf.shape[0] and d > 0:  # d is known once the first rows came
             buf = np.empty((cap, d), dtype=np.float32)
@@ -524,7 +524,7 @@ class TanimotoGP(OnlineLearner):
                 q, steps = qc[4], qc[5]
             elif d is not None and d[0] is qc[1] and d[1] is self._stats and d[2].shape[0] <= L // 2 \
                     and qc[5] < self._WOODBURY_STEPS:
-                U = d[2].T * torch.from_numpy(np.sqrt(d[3].astype(np.float64))).to(self.device)[None, :]  # L x k
+                U = d[2].T * torch.from_numpy(np.sqrt(d[3])).to(self.device)[None, :]  # L x k
                 AU = qc[3] @ (qc[3].T @ U)
                 S = torch.eye(U.shape[1], dtype=torch.float64, device=self.device) + U.T @ AU
                 B = torch.linalg.solve_triangular(torch.linalg.cholesky(S), AU.T, upper=False)  # k x L

@@ -62,7 +62,9 @@ def test_the_long_poll_reaches_a_running_aiokafka_fetcher(broker: EmbeddedBroker
                                     auto_offset_reset="latest", fetch_max_wait_ms=20, session_timeout_ms=6000)
         await consumer.start()
         try:
+            deadline = asyncio.get_running_loop().time() + 30
             while not consumer.assignment():
+                assert asyncio.get_running_loop().time() < deadline, "no partitions assigned within 30 s"
                 await asyncio.sleep(0.05)
             app = SimpleNamespace(consumer=SimpleNamespace(_thread=SimpleNamespace(_consumer=consumer)))
             ok = set_fetch_max_wait(app, 321)
