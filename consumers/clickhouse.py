@@ -41,10 +41,10 @@ import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from consumers.errors import SinkError
-from consumers.kafka import make_consumer
-from schemas import TOPICS, Codec, DecodeError
-from schemas.types import Record
+from labloop.consumers.errors import SinkError
+from labloop.consumers.kafka import make_consumer
+from labloop.schemas import TOPICS, Codec, DecodeError
+from labloop.schemas.types import Record
 
 __all__ = ["ClickHouseSink", "HttpBridge", "TABLES", "connect", "create_tables"]
 

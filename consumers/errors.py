@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas import LabloopError
+from labloop.schemas import LabloopError
 
 
 class ConsumerError(LabloopError):

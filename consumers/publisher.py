@@ -18,10 +18,10 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
-from consumers.errors import BadRow
-from consumers.virtual_lab import open_text
-from schemas import TOPICS, Codec
-from schemas.types import Record
+from labloop.consumers.errors import BadRow
+from labloop.consumers.virtual_lab import open_text
+from labloop.schemas import TOPICS, Codec
+from labloop.schemas.types import Record
 
 __all__ = ["PublishResult", "compound_id_of", "compound_rows", "publish_records", "reading_rows"]
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from consumers.kafka import make_consumer, make_producer
-from schemas import TOPICS, Codec, DecodeError
-from schemas.types import Record
+from labloop.consumers.kafka import make_consumer, make_producer
+from labloop.schemas import TOPICS, Codec, DecodeError
+from labloop.schemas.types import Record
 
 __all__ = ["Measurement", "RobotClient"]
 

@@ -19,9 +19,9 @@ from typing import TextIO
 
 import numpy as np
 
-from consumers.errors import BadRow
-from consumers.robot import Measurement, RobotClient
-from schemas.types import Record
+from labloop.consumers.errors import BadRow
+from labloop.consumers.robot import Measurement, RobotClient
+from labloop.schemas.types import Record
 
 __all__ = ["LabConfig", "Oracle", "VirtualLab", "open_text"]
 

@@ -3,12 +3,12 @@
 No Kafka, no database: everything here takes arrays and returns arrays.
 """
 
-from models.acquisition import Policy, make_policy
-from models.chem import FeatureSpec, featurize, parse_many, parse_smiles
-from models.errors import InvalidMolecule, ModelError
-from models.learners import OnlineLearner, default_device, make_learner
-from models.loop import PoolState, Proposal, round_targets
-from models.metrics import TopK, calibration, topk_measures
+from labloop.models.acquisition import Policy, make_policy
+from labloop.models.chem import FeatureSpec, featurize, parse_many, parse_smiles
+from labloop.models.errors import InvalidMolecule, ModelError
+from labloop.models.learners import OnlineLearner, default_device, make_learner
+from labloop.models.loop import PoolState, Proposal, round_targets
+from labloop.models.metrics import TopK, calibration, topk_measures
 
 __all__ = [
     "FeatureSpec", "InvalidMolecule", "ModelError", "OnlineLearner", "Policy", "PoolState", "Proposal",

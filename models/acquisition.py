@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models.errors import UnknownName
+from labloop.models.errors import UnknownName
 
 __all__ = ["POLICIES", "Greedy", "Policy", "RandomPolicy", "Thompson", "UCB", "make_policy"]
 

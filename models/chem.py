@@ -1,7 +1,7 @@
 """RDKit behind one small functional module: parse and featurize in batches.
 
 RDKit's C++ logger is muted only inside :func:`quiet_rdkit`, so an invalid SMILES
-raises :class:`~models.errors.InvalidMolecule` instead of printing to stderr.
+raises :class:`~labloop.models.errors.InvalidMolecule` instead of printing to stderr.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from rdkit import Chem, RDLogger
 from rdkit.Chem import rdFingerprintGenerator
 
-from models.errors import InvalidMolecule
+from labloop.models.errors import InvalidMolecule
 
 __all__ = ["FeatureSpec", "featurize", "featurize_mols", "parse_many", "parse_smiles", "quiet_rdkit"]
 

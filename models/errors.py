@@ -26,6 +26,11 @@ class InvalidMolecule(ModelError, ValueError):
         self.reason = reason
 
 
+class InvalidTarget(ModelError, ValueError):
+    """Training targets a learner cannot represent stably: non-finite, or beyond
+    :data:`~labloop.models.learners.STABLE_ABS_MAX` in magnitude."""
+
+
 class NotFitted(ModelError, RuntimeError):
     """``predict`` was called on a learner that has seen no data."""
 

@@ -17,13 +17,44 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.errors import NotFitted, UnknownName
+from labloop.models.errors import InvalidTarget, ModelError, NotFitted, UnknownName
 
 # torch flags CSR tensors as beta; labloop uses only CSR @ dense, which is stable.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 __all__ = ["DeepEnsemble", "OnlineLearner", "RowPacker", "TanimotoGP", "default_device", "make_learner", "pack_rows",
-           "unpack_rows", "LEARNERS"]
+           "unpack_rows", "LEARNERS", "STABLE_ABS_MAX", "check_targets"]
+
+# The largest |y| a learner takes. Outcomes are standardized in float64, so squares of such
+# values stay far from overflow (a 1e308 reading made every later prediction NaN), and no
+# assay in any unit comes near it.
+STABLE_ABS_MAX = 1e12
+
+
+def check_targets(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The one input check of every learner's ``update``: ``X`` as ``n x d`` float32, ``y`` as
+    length-``n`` float64, finite and within ``STABLE_ABS_MAX``.
+
+    Raises:
+        ValueError: ``X`` and ``y`` differ in length.
+        InvalidTarget: a target is non-finite or too large.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
+    if y.size and not (np.all(np.isfinite(y)) and float(np.abs(y).max()) <= STABLE_ABS_MAX):
+        bad = y[~(np.isfinite(y) & (np.abs(y) <= STABLE_ABS_MAX))]
+        raise InvalidTarget(f"y must be finite (no NaN or infinity) and within +-{STABLE_ABS_MAX:g}; "
+                            f"{bad.size} value(s) are not, the first {bad[0]}")
+    return X, y
+
+
+def _finite(mean: np.ndarray, std: np.ndarray, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """A learner's prediction, never non-finite: a broken fit is a named error, not NaN scores."""
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+        raise ModelError(f"{who} produced a non-finite prediction")
+    return mean, std
 
 
 def pack_rows(X: np.ndarray) -> dict[str, Any]:
@@ -265,14 +296,9 @@ class TanimotoGP(OnlineLearner):
         return self._seen
 
     def update(self, X: np.ndarray, y: np.ndarray, keys: np.ndarray | None = None) -> None:
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y, dtype=np.float64).reshape(-1)
-        if X.shape[0] != y.shape[0]:
-            raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
+        X, y = check_targets(X, y)
         if X.shape[0] == 0:
             return
-        if not np.all(np.isfinite(y)):
-            raise ValueError("y contains NaN or infinite values")
         if self._X.size == 0:
             self._X = self._buf = np.zeros((0, X.shape[1]), dtype=np.float32)
         if keys is None:  # anonymous rows: each one a new compound
@@ -568,7 +594,7 @@ class TanimotoGP(OnlineLearner):
         if self._fit is None:
             raise NotFitted("TanimotoGP.predict called before any update")
         if self._fit["kind"] == "nystrom":
-            return self._predict_nystrom(np.asarray(X, dtype=np.float32) if X.dtype != np.float32 else X)
+            return _finite(*self._predict_nystrom(np.asarray(X, dtype=np.float32) if X.dtype != np.float32 else X), "TanimotoGP")
         f = self._fit
         if "Xt32" not in f:
             f["Xt32"] = f["Xt"].float().T.contiguous()
@@ -581,7 +607,7 @@ class TanimotoGP(OnlineLearner):
             stds.append((torch.sqrt(v.clamp_min(0.0) * f["s2"]) * f["sd"]).cpu().numpy())
         if not means:
             return np.zeros(0), np.zeros(0)
-        return np.concatenate(means), np.concatenate(stds)
+        return _finite(np.concatenate(means), np.concatenate(stds), "TanimotoGP")
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled for checkpoints: the fit itself is kept (no refit on restore), caches that
@@ -682,14 +708,9 @@ class DeepEnsemble(OnlineLearner):
 
     def update(self, X: np.ndarray, y: np.ndarray, keys: np.ndarray | None = None) -> None:
         # Replicates stay separate rows: an MLP averages them by itself.
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y, dtype=np.float64).reshape(-1)
-        if X.shape[0] != y.shape[0]:
-            raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
+        X, y = check_targets(X, y)
         if X.shape[0] == 0:
             return
-        if not np.all(np.isfinite(y)):
-            raise ValueError("y contains NaN or infinite values")
         self._X = X.copy() if self._X.size == 0 else np.concatenate([self._X, X])
         self._y = np.concatenate([self._y, y])
         if not self._members:
@@ -728,7 +749,7 @@ class DeepEnsemble(OnlineLearner):
         if not outs:
             return np.zeros(0), np.zeros(0)
         P = np.concatenate(outs, axis=1) * sd + mu
-        return P.mean(0), P.std(0)
+        return _finite(P.mean(0), P.std(0), "DeepEnsemble")
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from models.acquisition import Policy, RandomPolicy, make_policy
-from models.learners import OnlineLearner, RowPacker, make_learner, unpack_rows
+from labloop.models.acquisition import Policy, RandomPolicy, make_policy
+from labloop.models.learners import OnlineLearner, RowPacker, make_learner, unpack_rows
 
 __all__ = ["AVAILABLE", "FAILED", "MEASURED", "PENDING", "Proposal", "PoolState", "round_targets"]
 
@@ -56,7 +56,7 @@ class PoolState:
     Args:
         X: ``n x d`` float32 features of the pool (rows may be appended later).
         maximize: direction of the objective.
-        learner, policy: names from :mod:`models.learners` / :mod:`models.acquisition`.
+        learner, policy: names from :mod:`labloop.models.learners` / :mod:`labloop.models.acquisition`.
         seed: seeds the random start and the policy.
         device: torch device for the learner (None = CUDA when present).
     """
@@ -88,7 +88,7 @@ class PoolState:
 
     def add(self, X: np.ndarray, packed: dict[str, Any] | None = None) -> np.ndarray:
         """Append candidates; returns their pool positions. ``packed``: the rows as
-        :func:`~models.learners.pack_rows` gives them, when the caller has it (checkpoints reuse it)."""
+        :func:`~labloop.models.learners.pack_rows` gives them, when the caller has it (checkpoints reuse it)."""
         X = np.asarray(X, dtype=np.float32)
         start = self.size
         before = self.X

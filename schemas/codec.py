@@ -25,8 +25,8 @@ from typing import Any, Literal
 import fastavro
 from fastavro.schema import to_parsing_canonical_form
 
-from schemas.errors import SchemaError, TruncatedPayload, UnknownFraming, UnknownSchema, WrongSchema
-from schemas.types import Record
+from labloop.schemas.errors import SchemaError, TruncatedPayload, UnknownFraming, UnknownSchema, WrongSchema
+from labloop.schemas.types import Record
 
 __all__ = ["Codec", "Decoded", "SCHEMA_DIR", "avro_long", "avro_string", "crc64_avro"]
 

@@ -1,6 +1,6 @@
 """``labloop bench al``: MolPAL's active-learning protocol on any pool, offline.
 
-It drives :class:`models.PoolState` — the code the Faust agents run — without
+It drives :class:`labloop.models.PoolState` — the code the Faust agents run — without
 Kafka, so seeds and settings can be compared quickly; ``--stack`` runs the same
 campaign through the embedded stack as well.
 """
@@ -18,12 +18,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from consumers.virtual_lab import open_text
-from models import FeatureSpec, PoolState, TopK, calibration, parse_many, round_targets, topk_measures
-from models.chem import featurize_mols
-from schemas import LabloopError
-from streams.campaign import DEFAULTS
-from streams.datasets import Dataset
+from labloop.consumers.virtual_lab import open_text
+from labloop.models import FeatureSpec, PoolState, TopK, calibration, parse_many, round_targets, topk_measures
+from labloop.models.chem import featurize_mols
+from labloop.schemas import LabloopError
+from labloop.streams.campaign import DEFAULTS
+from labloop.streams.datasets import Dataset
 
 __all__ = ["ALConfig", "BenchInputError", "load_csv", "run_bench"]
 
@@ -237,7 +237,7 @@ def offline_vs_stack(settings: Any, ds: Dataset, cfg: ALConfig, X: np.ndarray | 
     """Seed 0 offline and through the embedded stack, with the same batch sizes; prints both."""
     from dataclasses import replace
 
-    from streams.demo import run_on_stack
+    from labloop.streams.demo import run_on_stack
 
     init, batch, budget = stack_targets(len(ds.smiles), cfg)
     targets = [min(init + i * batch, budget) for i in range(cfg.rounds + 1)]

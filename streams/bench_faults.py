@@ -34,14 +34,14 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from consumers import LabConfig, Oracle, RobotClient, VirtualLab, connect
-from consumers.clickhouse import TABLES
-from consumers.kafka import make_consumer, make_producer
-from schemas import TOPICS, Codec
-from streams.campaign import now_ms
-from streams.datasets import enamine10k
-from streams.runtime import Stack, free_port
-from streams.settings import Settings
+from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab, connect
+from labloop.consumers.clickhouse import TABLES
+from labloop.consumers.kafka import make_consumer, make_producer
+from labloop.schemas import TOPICS, Codec
+from labloop.streams.campaign import now_ms
+from labloop.streams.datasets import enamine10k
+from labloop.streams.runtime import Stack, free_port
+from labloop.streams.settings import Settings
 
 __all__ = ["FaultBenchConfig", "POISON_KINDS", "print_fault_bench", "run_fault_bench"]
 

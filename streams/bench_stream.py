@@ -29,12 +29,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from consumers.kafka import make_consumer, make_producer
-from schemas import TOPICS, Codec
-from streams.campaign import now_ms
-from streams.datasets import enamine10k
-from streams.runtime import Stack
-from streams.settings import Settings
+from labloop.consumers.kafka import make_consumer, make_producer
+from labloop.schemas import TOPICS, Codec
+from labloop.streams.campaign import now_ms
+from labloop.streams.datasets import enamine10k
+from labloop.streams.runtime import Stack
+from labloop.streams.settings import Settings
 
 __all__ = ["StreamBenchConfig", "run_stream_bench"]
 
@@ -215,7 +215,7 @@ def _faust_take(bootstrap: str, topic: str, n: int) -> dict[str, Any]:
     and the ``messages`` and ``seconds`` after its first batch (``first_batch`` messages)."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "result.json"
-        proc = subprocess.run([sys.executable, "-m", "streams.bench_stream", bootstrap, topic, str(n), str(out), d],
+        proc = subprocess.run([sys.executable, "-m", "labloop.streams.bench_stream", bootstrap, topic, str(n), str(out), d],
                               capture_output=True, text=True, timeout=600)
         if not out.exists():
             raise RuntimeError(f"faust take baseline failed: {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
@@ -253,8 +253,8 @@ def _take_main(bootstrap: str, topic: str, n: int, out: str, datadir: str) -> No
 def _sink_phase(stack: Stack, codec: Codec, console: Console) -> tuple[float, float, int]:
     """Sink rows/s over everything published so far vs one Arrow insert of the readings."""
 
-    from consumers import ClickHouseSink, connect, create_tables
-    from consumers.clickhouse import TABLES, _Batch
+    from labloop.consumers import ClickHouseSink, connect, create_tables
+    from labloop.consumers.clickhouse import TABLES, _Batch
 
     with tempfile.TemporaryDirectory() as d:
         client = connect(f"chdb://{d}/chdb", "labloop")

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from models import PoolState
-from models.loop import FAILED, MEASURED, PENDING
-from schemas import Codec, InvalidEvent
-from schemas.codec import avro_string
-from schemas.types import Record
+from labloop.models import PoolState
+from labloop.models.loop import FAILED, MEASURED, PENDING
+from labloop.schemas import Codec, InvalidEvent
+from labloop.schemas.codec import avro_string
+from labloop.schemas.types import Record
 
 __all__ = ["DEFAULTS", "CampaignDefaults", "CampaignRuntime", "Emit", "PREDICTION_CHUNK", "PredictionWriter", "Raw",
            "Update", "now_ms", "unknown_campaign"]

@@ -1,11 +1,11 @@
 """Worker checkpoints: every campaign's state on disk, so a replacement resumes rather than replays.
 
-A checkpoint holds, per campaign, the pickled :class:`~streams.campaign.CampaignRuntime`
+A checkpoint holds, per campaign, the pickled :class:`~labloop.streams.campaign.CampaignRuntime`
 (pool fingerprints, measured / pending / failed sets, requests, seen reading ids, and the
 fitted learner itself), plus the *floors*: per input topic-partition, an offset below which
 the worker had handled every message before it took the snapshots. A replacement loads the
 checkpoint and replays only the input messages from the floors on (see
-:mod:`streams.recovery`). Replaying a message that the snapshot already holds is harmless:
+:mod:`labloop.streams.recovery`). Replaying a message that the snapshot already holds is harmless:
 every handler is idempotent (compounds by id, readings by ``reading_id``, statuses by request
 state), so floors only need to be low enough, never exact.
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas import LabloopError
+from labloop.schemas import LabloopError
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointStore"]
 

@@ -16,9 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from schemas import LabloopError
-from streams.campaign import DEFAULTS
-from streams.settings import Settings, load_settings
+from labloop.schemas import LabloopError
+from labloop.streams.campaign import DEFAULTS
+from labloop.streams.settings import Settings, load_settings
 
 app = typer.Typer(help="labloop: a lab-in-the-loop for drug discovery on Kafka, Faust and ClickHouse.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -42,7 +42,7 @@ def _kafka(s: Settings) -> dict[str, str]:
 
 
 def _codec(s: Settings):  # type: ignore[no-untyped-def]
-    from schemas import Codec
+    from labloop.schemas import Codec
 
     return Codec(registry_url=s.schema_registry_url, registry_config=s.registry_config())
 
@@ -50,7 +50,7 @@ def _codec(s: Settings):  # type: ignore[no-untyped-def]
 @app.command()
 def up(workers: Annotated[int, typer.Option(help="Faust worker processes")] = 1) -> None:
     """Start the embedded stack (broker, topics, worker, ClickHouse sink) until Ctrl-C."""
-    from streams.runtime import Stack
+    from labloop.streams.runtime import Stack
 
     s = _settings()
     with Stack(s, workers=workers) as stack:
@@ -86,7 +86,7 @@ def worker() -> None:
     import torch
     from faust.worker import Worker
 
-    from streams.worker import create_app
+    from labloop.streams.worker import create_app
 
     s = _settings()
     # The event loop needs a core of its own; fits share the rest (2 cores here: one thread).
@@ -94,8 +94,8 @@ def worker() -> None:
     torch.set_num_threads(fit_threads)
     from confluent_kafka.admin import AdminClient
 
-    from streams.checkpoint import CheckpointStore
-    from streams.recovery import rebuild
+    from labloop.streams.checkpoint import CheckpointStore
+    from labloop.streams.recovery import rebuild
 
     faust_app, w = create_app(s, _kafka(s)["bootstrap.servers"])
     group = str(faust_app.conf.id)
@@ -120,7 +120,7 @@ def worker() -> None:
 @app.command(hidden=True)
 def sink() -> None:
     """Run the ClickHouse sink (started by `labloop up`); serves HTTP when ClickHouse is embedded."""
-    from consumers import ClickHouseSink, HttpBridge, connect, create_tables
+    from labloop.consumers import ClickHouseSink, HttpBridge, connect, create_tables
 
     s = _settings()
     client = connect(s.clickhouse_target, s.clickhouse_database)
@@ -145,8 +145,8 @@ def sink() -> None:
 @app.command()
 def topics() -> None:
     """Create the catalogue's topics on the configured broker and list them."""
-    from schemas import TOPICS
-    from streams.runtime import ensure_topics
+    from labloop.schemas import TOPICS
+    from labloop.streams.runtime import ensure_topics
 
     s = _settings()
     created = ensure_topics(_kafka(s))
@@ -180,11 +180,11 @@ def campaign(
     seed: int = 0,
 ) -> None:
     """Define (or redefine) a campaign."""
-    from consumers.kafka import make_producer
-    from consumers.publisher import publish_records
-    from models.acquisition import POLICIES
-    from models.learners import LEARNERS
-    from streams.campaign import now_ms
+    from labloop.consumers.kafka import make_producer
+    from labloop.consumers.publisher import publish_records
+    from labloop.models.acquisition import POLICIES
+    from labloop.models.learners import LEARNERS
+    from labloop.streams.campaign import now_ms
 
     if policy not in POLICIES or learner not in LEARNERS:
         raise typer.BadParameter(f"policy must be one of {sorted(POLICIES)}, learner one of {sorted(LEARNERS)}")
@@ -216,8 +216,8 @@ def publish_compounds(
     source: Annotated[str, typer.Option(help="recorded as the registering system")] = "lims",
 ) -> None:
     """Register compounds from a CSV into a campaign's pool."""
-    from consumers.kafka import make_producer
-    from consumers.publisher import compound_rows, publish_records
+    from labloop.consumers.kafka import make_producer
+    from labloop.consumers.publisher import compound_rows, publish_records
 
     s = _settings()
     res = publish_records(make_producer(_kafka(s)), _codec(s), "compounds", "CompoundRegistered",
@@ -239,8 +239,8 @@ def publish_readings(
     instrument: Annotated[str, typer.Option(help="instrument id")] = "lims-import",
 ) -> None:
     """Publish assay readings from a CSV."""
-    from consumers.kafka import make_producer
-    from consumers.publisher import publish_records, reading_rows
+    from labloop.consumers.kafka import make_producer
+    from labloop.consumers.publisher import publish_records, reading_rows
 
     s = _settings()
     rows = reading_rows(file, campaign_id, assay, unit, compound_col, value_col, qualifier_col, id_col, instrument,
@@ -266,7 +266,7 @@ def robot(
     The robot journals the request ids it took on under the data directory, so a restarted
     robot of the same id never runs a request twice.
     """
-    from consumers import LabConfig, Oracle, RobotClient, VirtualLab
+    from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab
 
     s = _settings()
     journal = s.data_dir / "robots" / f"{robot_id}.journal"
@@ -294,7 +294,7 @@ class OutFormat(StrEnum):
 def sql(query: Annotated[str, typer.Argument(help="SQL for ClickHouse")],
         format: Annotated[OutFormat, typer.Option("--format", "-f")] = OutFormat.table) -> None:
     """Run SQL against the configured ClickHouse (embedded or server) and print the result."""
-    from streams.sql import analyst_client
+    from labloop.streams.sql import analyst_client
 
     s = _settings()
     client = analyst_client(s)
@@ -328,7 +328,7 @@ def demo(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Run one campaign on Enamine 10k through the whole embedded stack."""
-    from streams.demo import run_demo
+    from labloop.streams.demo import run_demo
 
     s = _settings()
     run_demo(s, report=report, plot=plot, seed=seed, timeout_s=timeout_s, progress=progress, console=console)
@@ -343,8 +343,8 @@ def dlq_list(topic: Annotated[str | None, typer.Option(help="source topic")] = N
              error_class: Annotated[str | None, typer.Option(help="e.g. InvalidMolecule")] = None,
              limit: int = 50) -> None:
     """Newest dead letters with where they came from and why."""
-    from streams.ops import dead_letters
-    from streams.sql import analyst_client
+    from labloop.streams.ops import dead_letters
+    from labloop.streams.sql import analyst_client
 
     names, rows = dead_letters(analyst_client(_settings()), topic, error_class, limit)
     t = Table(*names, title=f"dead letters ({len(rows)} shown)")
@@ -356,8 +356,8 @@ def dlq_list(topic: Annotated[str | None, typer.Option(help="source topic")] = N
 @dlq_app.command("show")
 def dlq_show(source: Annotated[str, typer.Argument(help="topic:partition:offset, as `dlq list` prints it")]) -> None:
     """One dead letter: its errors, its key and its bytes, decoded when they decode."""
-    from streams.ops import DeadLetterRef, show
-    from streams.sql import analyst_client
+    from labloop.streams.ops import DeadLetterRef, show
+    from labloop.streams.sql import analyst_client
 
     s = _settings()
     print(json.dumps(show(analyst_client(s), _codec(s), DeadLetterRef.parse(source)), indent=1, default=str))
@@ -369,9 +369,9 @@ def dlq_replay(sources: Annotated[list[str] | None, typer.Argument(help="topic:p
                error_class: Annotated[str | None, typer.Option(help="every dead letter of this class")] = None,
                dry_run: Annotated[bool, typer.Option(help="list what would be replayed")] = False) -> None:
     """Re-publish dead letters' original bytes to their source topics (after a fix)."""
-    from consumers.kafka import make_producer
-    from streams.ops import DeadLetterRef, replay
-    from streams.sql import analyst_client
+    from labloop.consumers.kafka import make_producer
+    from labloop.streams.ops import DeadLetterRef, replay
+    from labloop.streams.sql import analyst_client
 
     s = _settings()
     refs = [DeadLetterRef.parse(x) for x in sources or []]
@@ -386,8 +386,8 @@ def dlq_replay(sources: Annotated[list[str] | None, typer.Argument(help="topic:p
 @app.command()
 def explain(request_id: Annotated[str, typer.Argument(help="the request's id")]) -> None:
     """Why a compound was requested: model version, prediction, uncertainty, policy, training readings."""
-    from streams.ops import explain as explain_request
-    from streams.sql import analyst_client
+    from labloop.streams.ops import explain as explain_request
+    from labloop.streams.sql import analyst_client
 
     e = explain_request(analyst_client(_settings()), request_id)
     r, c, m, tr = e["request"], e["campaign"], e["model"], e["training_readings"]
@@ -434,8 +434,8 @@ def bench_al(
     report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
 ) -> None:
     """MolPAL's active-learning protocol on any pool of SMILES with a numeric objective."""
-    from streams.bench_al import ALConfig, load_csv, offline_vs_stack, print_bench, run_bench
-    from streams.datasets import enamine10k, published_results
+    from labloop.streams.bench_al import ALConfig, load_csv, offline_vs_stack, print_bench, run_bench
+    from labloop.streams.datasets import enamine10k, published_results
 
     s = _settings()
     if (dataset is None) == (csv_path is None):
@@ -490,8 +490,8 @@ def bench_stream(
     """Throughput and latency of the stream on the embedded stack, beside the machine's own ceilings."""
     import tempfile
 
-    from streams.bench_stream import StreamBenchConfig, print_stream_bench, run_stream_bench
-    from streams.runtime import free_port
+    from labloop.streams.bench_stream import StreamBenchConfig, print_stream_bench, run_stream_bench
+    from labloop.streams.runtime import free_port
 
     s = _settings()
     unknown = set(phase or ()) - set(StreamBenchConfig.phases)
@@ -522,7 +522,7 @@ def bench_faults(
     workdir: Annotated[Path | None, typer.Option(help="keep the runs' data and logs here (default: removed)")] = None,
 ) -> None:
     """Nothing lost, nothing doubled: crashes, duplicates and poison against a ledger of acknowledged readings."""
-    from streams.bench_faults import FaultBenchConfig, print_fault_bench, run_fault_bench, write_report
+    from labloop.streams.bench_faults import FaultBenchConfig, print_fault_bench, run_fault_bench, write_report
 
     cfg = FaultBenchConfig(readings=readings, campaigns=campaigns, worker_kills=worker_kills, sink_kills=sink_kills,
                            rate=rate, control=control, control_readings=max(1000, readings // 5))

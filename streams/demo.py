@@ -18,16 +18,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from consumers import LabConfig, Oracle, RobotClient, VirtualLab
-from consumers.kafka import make_consumer, make_producer
-from consumers.publisher import publish_records
-from models import TopK, round_targets, topk_measures
-from schemas import TOPICS, Codec, LabloopError
-from streams.campaign import DEFAULTS, CampaignDefaults, now_ms
-from streams.datasets import Dataset, enamine10k, published_results
-from streams.runtime import Stack
-from streams.settings import Settings
-from streams.sql import analyst_client
+from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab
+from labloop.consumers.kafka import make_consumer, make_producer
+from labloop.consumers.publisher import publish_records
+from labloop.models import TopK, round_targets, topk_measures
+from labloop.schemas import TOPICS, Codec, LabloopError
+from labloop.streams.campaign import DEFAULTS, CampaignDefaults, now_ms
+from labloop.streams.datasets import Dataset, enamine10k, published_results
+from labloop.streams.runtime import Stack
+from labloop.streams.settings import Settings
+from labloop.streams.sql import analyst_client
 
 __all__ = ["DemoFailed", "run_demo", "run_on_stack"]
 

@@ -6,10 +6,10 @@ Measured on two cores, a GP update plus pool rescoring that takes ~20 ms alone t
 single readings drained: each torch call gives the lock up and then waits for it behind
 the busy event loop. In a process of its own the fit waits for nobody.
 
-:class:`ModelHost` starts the child (``python -m streams.modelhost``: it imports torch and
+:class:`ModelHost` starts the child (``python -m labloop.streams.modelhost``: it imports torch and
 the learners, never Faust, nor the worker's main module) and talks to it over a socket
 pair, one request at a time. :class:`RemoteLearner` is the parent's stand-in
-for one campaign's learner: it implements :class:`~models.learners.OnlineLearner`, ships
+for one campaign's learner: it implements :class:`~labloop.models.learners.OnlineLearner`, ships
 only what the child lacks (the rows of compounds it has not seen, the pool rows added
 since its last prediction), and pickles, for checkpoints, as the child's learner.
 
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from models.learners import OnlineLearner
-from schemas import LabloopError
+from labloop.models.learners import OnlineLearner
+from labloop.schemas import LabloopError
 
 __all__ = ["ModelHost", "ModelHostError", "RemoteLearner", "with_learner_state"]
 
@@ -121,7 +121,7 @@ class ModelHost:
 
     def __init__(self, threads: int = 1) -> None:
         mine, theirs = socket.socketpair()
-        self._proc = subprocess.Popen([sys.executable, "-m", "streams.modelhost", str(theirs.fileno()), str(threads)],
+        self._proc = subprocess.Popen([sys.executable, "-m", "labloop.streams.modelhost", str(theirs.fileno()), str(threads)],
                                       pass_fds=[theirs.fileno()])
         theirs.close()
         self._conn = Connection(mine.detach())
@@ -326,5 +326,5 @@ def with_learner_state(pickled: bytes, learner: bytes) -> bytes:
     return pickle.dumps(_WithLearner(pickled, learner), pickle.HIGHEST_PROTOCOL)
 
 
-if __name__ == "__main__":  # pragma: no cover - the child: python -m streams.modelhost FD THREADS
+if __name__ == "__main__":  # pragma: no cover - the child: python -m labloop.streams.modelhost FD THREADS
     _serve(Connection(int(sys.argv[1])), int(sys.argv[2]))

@@ -1,6 +1,6 @@
 """Rebuild a worker's campaign state before it starts consuming.
 
-A worker keeps campaigns in memory and checkpoints them (:mod:`streams.checkpoint`).
+A worker keeps campaigns in memory and checkpoints them (:mod:`labloop.streams.checkpoint`).
 Its replacement (after a crash or a restart) loads the checkpoint, then reads each
 input partition from the checkpoint's floor (from the start where there is no
 checkpoint) up to the offsets its consumer group committed, plus everything it ever
@@ -22,11 +22,11 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from models import FeatureSpec, parse_many
-from models.chem import featurize_mols
-from schemas import TOPICS, Codec, LabloopError
-from streams.campaign import CampaignRuntime
-from streams.checkpoint import CheckpointError, CheckpointStore
+from labloop.models import FeatureSpec, parse_many
+from labloop.models.chem import featurize_mols
+from labloop.schemas import TOPICS, Codec, LabloopError
+from labloop.streams.campaign import CampaignRuntime
+from labloop.streams.checkpoint import CheckpointError, CheckpointStore
 
 __all__ = ["RecoveryError", "rebuild"]
 

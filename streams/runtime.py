@@ -22,8 +22,8 @@ from pathlib import Path
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from schemas import TOPICS, LabloopError, TopicSpec
-from streams.settings import Settings
+from labloop.schemas import TOPICS, LabloopError, TopicSpec
+from labloop.streams.settings import Settings
 
 __all__ = ["EmbeddedBroker", "RuntimeFailure", "Stack", "ensure_topics", "free_port", "port_in_use", "wait_for_port"]
 
@@ -190,7 +190,7 @@ class Stack:
         logs.mkdir(parents=True, exist_ok=True)
         path = logs / f"{name}.log"
         fh = open(path, "ab")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen([sys.executable, "-m", "streams.cli", *args], env={**self._env(), **(env or {})},
+        proc = subprocess.Popen([sys.executable, "-m", "labloop.streams.cli", *args], env={**self._env(), **(env or {})},
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         p = _Proc(name, args, proc, path, env or {})
         self.procs.append(p)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from clickhouse_connect.driver.client import Client
 
-from consumers import connect
-from streams.runtime import port_in_use
-from streams.settings import Settings
+from labloop.consumers import connect
+from labloop.streams.runtime import port_in_use
+from labloop.streams.settings import Settings
 
 __all__ = ["analyst_client"]
 

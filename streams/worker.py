@@ -10,7 +10,7 @@ Topology (every input keyed and co-partitioned by ``campaign_id``)::
 
 Agents consume in micro-batches (``take_events``), decode Avro themselves
 (values are raw bytes), featurize on a thread, and fit in a child process
-(:mod:`streams.modelhost`; a thread with ``LABLOOP_MODEL_PROCESS=false``), so the
+(:mod:`labloop.streams.modelhost`; a thread with ``LABLOOP_MODEL_PROCESS=false``), so the
 event loop keeps heart-beating and fits never wait on its interpreter lock. Delivery is at-least-once: every
 handler is idempotent (compounds by id, readings by ``reading_id``, statuses by
 request state).
@@ -18,7 +18,7 @@ request state).
 Every ``checkpoint_interval_s`` the worker pickles each campaign (under its lock,
 with no fit in flight and nothing decided but unsent), flushes the producer, and
 writes the checkpoint with the offsets below which every input was handled
-(:mod:`streams.checkpoint`); a replacement resumes from it.
+(:mod:`labloop.streams.checkpoint`); a replacement resumes from it.
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ import faust
 import numpy as np
 from faust.exceptions import ConsumerNotStarted
 
-from models import FeatureSpec, ModelError, parse_many
-from models.chem import featurize_mols
-from models.learners import pack_rows
-from schemas import TOPICS, Codec, LabloopError
-from schemas.types import Record
-from streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms, unknown_campaign
-from streams.checkpoint import CheckpointStore
-from streams.faust_transport import set_fetch_max_wait
-from streams.modelhost import ModelHost, ModelHostError, RemoteLearner, with_learner_state
-from streams.settings import Settings
+from labloop.models import FeatureSpec, ModelError, parse_many
+from labloop.models.chem import featurize_mols
+from labloop.models.learners import pack_rows
+from labloop.schemas import TOPICS, Codec, LabloopError
+from labloop.schemas.types import Record
+from labloop.streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms, unknown_campaign
+from labloop.streams.checkpoint import CheckpointStore
+from labloop.streams.faust_transport import set_fetch_max_wait
+from labloop.streams.modelhost import ModelHost, ModelHostError, RemoteLearner, with_learner_state
+from labloop.streams.settings import Settings
 
 __all__ = ["LabloopWorker", "create_app"]
 
@@ -498,7 +498,7 @@ def _pickle_timed(obj: Any) -> tuple[bytes, float]:
 
 def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker") -> tuple[faust.App, LabloopWorker]:
     """Build the Faust app and its agents for a broker at ``bootstrap`` (``host:port[,...]``)."""
-    from streams import faust_transport
+    from labloop.streams import faust_transport
 
     brokers = [f"{faust_transport.SCHEME}://{b.strip()}" for b in bootstrap.split(",") if b.strip()]
     app = faust.App(

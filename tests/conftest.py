@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas import Codec
-from streams.runtime import EmbeddedBroker, Stack, free_port
-from streams.settings import Settings
+from labloop.schemas import Codec
+from labloop.streams.runtime import EmbeddedBroker, Stack, free_port
+from labloop.streams.settings import Settings
 
 DATA = Path(__file__).parent / "data"
 
@@ -42,7 +42,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture(scope="session")
 def ch(stack: Stack):  # type: ignore[no-untyped-def]
     """An analyst's clickhouse-connect client over HTTP to the sink's chDB."""
-    from consumers import connect
+    from labloop.consumers import connect
 
     return connect(f"{stack.clickhouse_url}/{stack.settings.clickhouse_database}")
 
@@ -55,7 +55,7 @@ def cli(stack: Stack) -> Callable[..., subprocess.CompletedProcess[str]]:
            "LABLOOP_DATA_DIR": str(stack.settings.data_dir), "COLUMNS": "250"}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "labloop.streams.cli", *args], env=env, capture_output=True, text=True,
                               timeout=120)
 
     return run

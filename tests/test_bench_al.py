@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.bench_al import ALConfig, BenchInputError, load_csv, run_bench
+from labloop.streams.bench_al import ALConfig, BenchInputError, load_csv, run_bench
 
 DATA = Path(__file__).parent / "data" / "tpsa_300.csv"
 
@@ -53,7 +53,7 @@ def test_bench_finds_more_of_the_top_than_random(pool: Path, asynchronous: bool)
 def test_cli_report(pool: Path, tmp_path: Path) -> None:
     report = tmp_path / "r.json"
     env = {**os.environ, "COLUMNS": "200"}
-    out = subprocess.run([sys.executable, "-m", "streams.cli", "bench", "al", "--csv", str(pool), "--smiles-col", "mol",
+    out = subprocess.run([sys.executable, "-m", "labloop.streams.cli", "bench", "al", "--csv", str(pool), "--smiles-col", "mol",
                           "--objective-col", "target", "--maximize", "--top-k", "20", "--init-frac", "0.1",
                           "--batch-frac", "0.1", "--rounds", "2", "--seeds", "2", "--report", str(report)],
                          capture_output=True, text=True, env=env, timeout=300)

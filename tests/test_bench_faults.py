@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from streams.bench_faults import FaultBenchConfig, run_fault_bench
-from streams.settings import Settings
+from labloop.streams.bench_faults import FaultBenchConfig, run_fault_bench
+from labloop.streams.settings import Settings
 
 
 def test_nothing_lost_nothing_doubled_under_kills_duplicates_and_poison(tmp_path: Path) -> None:

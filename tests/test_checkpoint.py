@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.campaign import CampaignRuntime
-from streams.checkpoint import CheckpointError, CheckpointStore
+from labloop.streams.campaign import CampaignRuntime
+from labloop.streams.checkpoint import CheckpointError, CheckpointStore
 
 
 def _runtime(cid: str, reading: str) -> bytes:
@@ -48,7 +48,7 @@ def test_a_torn_checkpoint_is_a_named_error(tmp_path: Path) -> None:
 
 
 def _defined(cid: str) -> CampaignRuntime:
-    from models import featurize
+    from labloop.models import featurize
 
     rt = CampaignRuntime(cid, device="cpu")
     rt.define({"campaign_id": cid, "objective_assay_id": "a", "direction": "MINIMIZE", "unit": "nM", "batch_size": 2,

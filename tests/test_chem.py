@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import FeatureSpec, InvalidMolecule, featurize, parse_many, parse_smiles
-from models.chem import featurize_mols
+from labloop.models import FeatureSpec, InvalidMolecule, featurize, parse_many, parse_smiles
+from labloop.models.chem import featurize_mols
 
 DATA = Path(__file__).parent / "data"
 

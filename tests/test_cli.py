@@ -74,7 +74,7 @@ def test_commands_without_a_broker_say_so(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABLOOP_")}
     f = tmp_path / "x.csv"
     f.write_text("smiles\nC\n")
-    out = subprocess.run([sys.executable, "-m", "streams.cli", "publish", "compounds", str(f), "--campaign", "c"],
+    out = subprocess.run([sys.executable, "-m", "labloop.streams.cli", "publish", "compounds", str(f), "--campaign", "c"],
                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode != 0
     assert "LABLOOP_KAFKA_BOOTSTRAP" in out.stderr
@@ -83,8 +83,8 @@ def test_commands_without_a_broker_say_so(tmp_path: Path) -> None:
 def test_a_busy_http_port_is_a_clear_error(tmp_path: Path) -> None:
     import socket
 
-    from streams.runtime import RuntimeFailure, Stack
-    from streams.settings import Settings
+    from labloop.streams.runtime import RuntimeFailure, Stack
+    from labloop.streams.settings import Settings
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

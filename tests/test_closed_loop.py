@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from consumers import LabConfig, Oracle, RobotClient, VirtualLab
-from consumers.kafka import make_consumer, make_producer
-from consumers.publisher import compound_rows, publish_records
-from schemas import TOPICS, Codec
-from streams.runtime import Stack
+from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab
+from labloop.consumers.kafka import make_consumer, make_producer
+from labloop.consumers.publisher import compound_rows, publish_records
+from labloop.schemas import TOPICS, Codec
+from labloop.streams.runtime import Stack
 
 DATA = Path(__file__).parent / "data" / "tpsa_300.csv"
 CID = "tpsa-it"
@@ -216,7 +216,7 @@ def test_readings_of_an_unknown_campaign_leave_no_state(loop: dict[str, Any], ch
 
 def test_create_tables_adds_columns_of_newer_schemas(tmp_path: Path) -> None:
     """An older data directory gains the columns a newer schema added, keeping its rows."""
-    from consumers import connect, create_tables
+    from labloop.consumers import connect, create_tables
 
     client = connect(f"chdb://{tmp_path / 'old'}", "labloop")
     client.command("CREATE TABLE model_updates (campaign_id String, model_version Int64) ENGINE = MergeTree "

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from schemas import SCHEMA_DIR, Codec, SchemaError
-from schemas.codec import crc64_avro
-from schemas.errors import TruncatedPayload, UnknownFraming, UnknownSchema, WrongSchema
+from labloop.schemas import SCHEMA_DIR, Codec, SchemaError
+from labloop.schemas.codec import crc64_avro
+from labloop.schemas.errors import TruncatedPayload, UnknownFraming, UnknownSchema, WrongSchema
 
 W = {"reading_id": "r", "compound_id": "c", "well": "A01", "value": -7.5, "qualifier": "LT", "request_id": None}
 EXAMPLES = {
@@ -180,7 +180,7 @@ def test_the_numpy_prediction_writer_reads_like_the_codec(codec: Codec) -> None:
     """The fast path for pool rescoring writes the same bytes as fastavro, chunked, ids of any length."""
     import numpy as np
 
-    from streams.campaign import PREDICTION_CHUNK, PredictionWriter
+    from labloop.streams.campaign import PREDICTION_CHUNK, PredictionWriter
 
     rng = np.random.default_rng(1)
     n = PREDICTION_CHUNK + 37

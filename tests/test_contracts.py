@@ -7,10 +7,10 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from models import OnlineLearner, make_learner, make_policy
-from models.acquisition import POLICIES
-from models.errors import NotFitted, UnknownName
-from models.learners import LEARNERS
+from labloop.models import OnlineLearner, make_learner, make_policy
+from labloop.models.acquisition import POLICIES
+from labloop.models.errors import NotFitted, UnknownName
+from labloop.models.learners import LEARNERS
 
 # Small but real settings so the suite stays fast on 2 CPU cores.
 FAST: dict[str, dict[str, int]] = {"gp": {}, "ensemble": {"n_members": 2, "hidden": 32, "epochs": 15},
@@ -192,7 +192,7 @@ def test_nystrom_tracks_the_exact_gp() -> None:
 def test_gp_nystrom_statistics_stay_exact_through_background_landmark_redraws() -> None:
     """Accumulated DTC statistics, and landmarks re-drawn on the background thread while updates
     go on, give the same model as fitting every measurement from scratch on those landmarks."""
-    from models.learners import TanimotoGP
+    from labloop.models.learners import TanimotoGP
 
     rng = np.random.default_rng(3)
     pool = (rng.random((600, 64)) < 0.15).astype(np.float32) * rng.integers(1, 4, (600, 64)).astype(np.float32)
@@ -219,7 +219,7 @@ def test_gp_nystrom_statistics_stay_exact_through_background_landmark_redraws() 
 def test_gp_pool_variance_updated_incrementally_equals_a_full_rescoring() -> None:
     """Updates of a few compounds at a time rescore the pool's variance with the Woodbury identity
     (an m x L x k product instead of m x L x L); it must equal the full product."""
-    from models.learners import TanimotoGP
+    from labloop.models.learners import TanimotoGP
 
     rng = np.random.default_rng(5)
     pool = (rng.random((800, 64)) < 0.15).astype(np.float32) * rng.integers(1, 4, (800, 64)).astype(np.float32)
@@ -246,7 +246,7 @@ def test_gp_rows_reserved_for_a_pool_are_never_copied_again() -> None:
     """With the pool's size reserved, new training rows land in one buffer (growing it copied every
     row so far: updates that grew it past 4,096 and 8,192 rows took 86 and 177 ms), and the model
     is the same as without."""
-    from models.learners import TanimotoGP
+    from labloop.models.learners import TanimotoGP
 
     rng = np.random.default_rng(7)
     pool = (rng.random((600, 64)) < 0.15).astype(np.float32) * rng.integers(1, 4, (600, 64)).astype(np.float32)
@@ -264,3 +264,21 @@ def test_gp_rows_reserved_for_a_pool_are_never_copied_again() -> None:
     assert grown._buf is not buf
     for a, b in zip(kept.predict(pool), grown.predict(pool), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_targets_past_the_stable_bound_are_refused_and_predictions_stay_finite(make: Callable[[], OnlineLearner]) -> None:
+    from labloop.models.errors import InvalidTarget
+    from labloop.models.learners import STABLE_ABS_MAX
+
+    X, y = _data()
+    m = make()
+    for bad in (1e308, -1e308, np.nan, np.inf, STABLE_ABS_MAX * 1.5):
+        with pytest.raises(InvalidTarget):
+            m.update(X[:2], np.array([1.0, bad]))
+    assert m.n_seen == 0  # a refused batch teaches nothing
+    # At the bound itself, beside ordinary values: learned, and every prediction finite.
+    y = y.copy()
+    y[:3] = [STABLE_ABS_MAX, -STABLE_ABS_MAX, STABLE_ABS_MAX]
+    m.update(X[:40], y[:40])
+    mean, std = m.predict(X)
+    assert np.isfinite(mean).all() and np.isfinite(std).all() and (std >= 0).all()

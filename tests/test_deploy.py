@@ -7,8 +7,8 @@ from pathlib import Path
 import yaml
 from typer.main import get_command
 
-from streams.cli import app
-from streams.settings import Settings
+from labloop.streams.cli import app
+from labloop.streams.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

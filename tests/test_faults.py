@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from consumers import connect
-from consumers.kafka import make_producer
-from schemas import TOPICS, Codec
-from streams.bench_stream import _plates
-from streams.runtime import EmbeddedBroker, ensure_topics, free_port
+from labloop.consumers import connect
+from labloop.consumers.kafka import make_producer
+from labloop.schemas import TOPICS, Codec
+from labloop.streams.bench_stream import _plates
+from labloop.streams.runtime import EmbeddedBroker, ensure_topics, free_port
 
 N_PLATES, MORE, PLATE = 120, 40, 384
 
@@ -49,7 +49,7 @@ def _sink(broker: EmbeddedBroker, data: Path, port: int, **env: str) -> subproce
     e = {**os.environ, "LABLOOP_KAFKA_BOOTSTRAP": broker.bootstrap, "LABLOOP_DATA_DIR": str(data),
          "LABLOOP_CLICKHOUSE_HTTP_PORT": str(port), "LABLOOP_SINK_BATCH_ROWS": "4000", "LABLOOP_SINK_FLUSH_S": "0.2",
          **{f"LABLOOP_{k.upper()}": v for k, v in env.items()}}
-    return subprocess.Popen([sys.executable, "-m", "streams.cli", "sink"], env=e, stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "labloop.streams.cli", "sink"], env=e, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models import PoolState, TopK, round_targets, topk_measures
-from models.loop import AVAILABLE, FAILED, MEASURED, PENDING
+from labloop.models import PoolState, TopK, round_targets, topk_measures
+from labloop.models.loop import AVAILABLE, FAILED, MEASURED, PENDING
 
 
 def test_round_targets_match_molpal_enamine() -> None:
@@ -67,7 +67,7 @@ def test_a_pickled_pool_keeps_its_fit_and_goes_on_learning(exact_max: int) -> No
     rebuilt on load, not stored)."""
     import pickle
 
-    from models.learners import make_learner
+    from labloop.models.learners import make_learner
 
     rng = np.random.default_rng(0)
     X = (rng.random((400, 64)) < 0.1).astype(np.float32) * rng.integers(1, 4, (400, 64))

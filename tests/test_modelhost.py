@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from models.learners import make_learner
-from models.loop import PoolState
-from streams.modelhost import ModelHost, ModelHostError, RemoteLearner, with_learner_state
+from labloop.models.learners import make_learner
+from labloop.models.loop import PoolState
+from labloop.streams.modelhost import ModelHost, ModelHostError, RemoteLearner, with_learner_state
 
 
 def _pool(rng: np.random.Generator, n: int, d: int = 128) -> np.ndarray:
@@ -86,7 +86,7 @@ def test_errors_in_the_child_are_raised_in_the_worker(host: ModelHost) -> None:
     rng = np.random.default_rng(2)
     ps = _state(_pool(rng, 50))
     ps.learner = host.adopt("c1", ps.learner)
-    with pytest.raises(ValueError, match="NaN or infinite"):
+    with pytest.raises(ValueError, match="NaN or infinity"):
         ps.learner.update_from_pool(ps.X, np.array([np.nan]), np.array([3]))
     _step([ps], rng, 10)  # the child survived its error
 

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from consumers.kafka import make_producer
-from schemas import TOPICS
-from streams.faust_transport import set_fetch_max_wait
-from streams.runtime import EmbeddedBroker, ensure_topics
-from streams.settings import Settings
-from streams.worker import create_app
+from labloop.consumers.kafka import make_producer
+from labloop.schemas import TOPICS
+from labloop.streams.faust_transport import set_fetch_max_wait
+from labloop.streams.runtime import EmbeddedBroker, ensure_topics
+from labloop.streams.settings import Settings
+from labloop.streams.worker import create_app
 
 
 def test_fits_are_paced_only_while_an_input_is_behind(tmp_path: Path) -> None:

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from consumers import LabConfig, Oracle, RobotClient, VirtualLab, connect
-from consumers.kafka import make_consumer, make_producer
-from consumers.publisher import compound_rows, publish_records
-from schemas import TOPICS, Codec
-from streams.runtime import Stack, free_port
-from streams.settings import Settings
+from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab, connect
+from labloop.consumers.kafka import make_consumer, make_producer
+from labloop.consumers.publisher import compound_rows, publish_records
+from labloop.schemas import TOPICS, Codec
+from labloop.streams.runtime import Stack, free_port
+from labloop.streams.settings import Settings
 
 DATA = Path(__file__).parent / "data" / "tpsa_300.csv"
 CID, BUDGET, BATCH = "recovery-it", 60, 10

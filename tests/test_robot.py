@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from consumers import RobotClient
-from consumers.kafka import make_producer
-from schemas import TOPICS, Codec
-from streams.runtime import EmbeddedBroker, ensure_topics
+from labloop.consumers import RobotClient
+from labloop.consumers.kafka import make_producer
+from labloop.schemas import TOPICS, Codec
+from labloop.streams.runtime import EmbeddedBroker, ensure_topics
 
 REQ = {"request_id": "jr-r0000001", "campaign_id": "journal", "compound_id": "c1", "smiles": "CCO", "assay_id": "a",
        "priority": 0, "sequence": 1, "batch": 0, "policy": "ucb", "acquisition_score": None, "predicted_mean": None,

@@ -15,10 +15,10 @@ import pytest
 from fastavro.schema import to_parsing_canonical_form
 from fastavro.utils import generate_many
 
-from consumers.kafka import make_producer
-from schemas import SCHEMA_DIR, TOPICS, Codec
-from schemas.codec import crc64_avro
-from streams.runtime import Stack
+from labloop.consumers.kafka import make_producer
+from labloop.schemas import SCHEMA_DIR, TOPICS, Codec
+from labloop.schemas.codec import crc64_avro
+from labloop.streams.runtime import Stack
 
 HISTORY = SCHEMA_DIR / "history"
 

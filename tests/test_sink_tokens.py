@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumers.clickhouse import TABLES, _Batch, _Seen
+from labloop.consumers.clickhouse import TABLES, _Batch, _Seen
 
 REC = {"request_id": "r", "campaign_id": "c", "compound_id": "x", "status": "ACCEPTED", "robot_id": "b",
        "reason": None, "event_time": 0}
