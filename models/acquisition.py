@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-
 from labloop.models.errors import UnknownName
 
 __all__ = ["POLICIES", "Greedy", "Policy", "RandomPolicy", "Thompson", "UCB", "make_policy"]
@@ -29,6 +29,13 @@ class Policy(abc.ABC):
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = np.random.default_rng(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The random stream's position (JSON values): a restored policy draws what this one would."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
 
     def select(self, mean: np.ndarray, std: np.ndarray, pending: np.ndarray, k: int) -> np.ndarray:
         """Indices of the chosen candidates (see the class docstring)."""

@@ -7,7 +7,6 @@ negates a minimized objective before it gets here.
 from __future__ import annotations
 
 import abc
-import io
 import math
 import warnings
 import weakref
@@ -16,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from labloop.models.errors import InvalidTarget, ModelError, NotFitted, UnknownName
 
 # torch flags CSR tensors as beta; labloop uses only CSR @ dense, which is stable.
@@ -165,14 +163,6 @@ class OnlineLearner(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
-        return buf.getvalue()
-
-    def from_bytes(self, data: bytes) -> None:
-        self.load_state_dict(torch.load(io.BytesIO(data), weights_only=False))
 
 
 def _tanimoto(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
@@ -609,52 +599,27 @@ class TanimotoGP(OnlineLearner):
             return np.zeros(0), np.zeros(0)
         return _finite(np.concatenate(means), np.concatenate(stds), "TanimotoGP")
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled for checkpoints: the fit itself is kept (no refit on restore), caches that
-        are cheap to rebuild are not, and the training fingerprints travel sparse."""
-        state = self.__dict__.copy()
-        state["_pool_cache"] = state["_redraw_job"] = state["_qcache"] = state["_delta"] = None
-        state["_since_redraw"] = []
-        state["_X"] = self._packer.pack(self._X, self._buf)
-        state["_buf"] = state["_packer"] = None
-        # Landmarks travel sparse; their factorization (~2.5 MB for 256) is rebuilt from them on load.
-        state.pop("_zfit", None)
-        if self._Z is not None:
-            state["_Z"] = pack_rows(self._Z)
-        if self._fit is not None:
-            state["_fit"] = {k: v for k, v in self._fit.items() if k not in ("Xt", "Xt32")}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("_qcache", None)  # checkpoints from before the incremental variance
-        state.setdefault("_delta", None)
-        state["_X"] = unpack_rows(state["_X"])
-        state["_buf"] = state["_X"]
-        state["_packer"] = RowPacker()
-        if isinstance(state.get("_Z"), dict):
-            state["_Z"] = unpack_rows(state["_Z"])
-        self.__dict__.update(state)
-        if self._Z is not None:  # the same landmarks, factorized again: the fit and its statistics stay valid
-            self._zfit = self._zfit_of(self._Z)
-        if self._fit is not None and self._fit["kind"] == "exact":
-            self._fit["Xt"] = torch.from_numpy(self._X).to(self.device, torch.float64)
-
     def state_dict(self) -> dict[str, Any]:
         keys = np.empty(len(self._rows), dtype=np.int64)
         for k, i in self._rows.items():
             keys[i] = k
-        return {"name": self.name, "X": self._X, "y": self._y, "n": self._n, "keys": keys, "seen": self._seen,
+        # Training fingerprints travel sparse (~2 % of the bytes), packing only rows added since the last time.
+        return {"name": self.name, "X": self._packer.pack(self._X, self._buf), "y": self._y.copy(), "n": self._n.copy(),
+                "keys": keys, "seen": self._seen,
                 "max_train": self.max_train, "exact_max": self.exact_max, "landmarks": self.landmarks,
+                "background_redraw": self.background_redraw,
                 "Z": self._Z, "z_at": self._z_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.max_train = int(state["max_train"])
-        self._X = self._buf = np.asarray(state["X"], dtype=np.float32)
+        X = state["X"]
+        self._X = self._buf = unpack_rows(X) if isinstance(X, dict) else np.asarray(X, dtype=np.float32)
         self._y = np.asarray(state["y"], dtype=np.float64)
         self._n = np.asarray(state["n"], dtype=np.int64)
         self._seen = int(state["seen"])
         self._rows = {int(k): i for i, k in enumerate(state["keys"])}
         self.exact_max, self.landmarks = int(state["exact_max"]), int(state["landmarks"])
+        self.background_redraw = bool(state.get("background_redraw", self.background_redraw))
         self._stats, self._pool_cache, self._qcache, self._delta = None, None, None, None
         if state["Z"] is not None:
             self._set_landmarks(np.asarray(state["Z"], dtype=np.float32), int(state["z_at"]))
@@ -763,12 +728,12 @@ class DeepEnsemble(OnlineLearner):
             setattr(self, k, v)
         self._X = np.asarray(state["X"], dtype=np.float32)
         self._y = np.asarray(state["y"], dtype=np.float64)
-        self._norm = tuple(state["norm"])  # type: ignore[assignment]
+        self._norm = (float(state["norm"][0]), float(state["norm"][1]))
         self._members = []
         if state["members"]:
             self._build(self._X.shape[1])
             for m, sd in zip(self._members, state["members"], strict=True):
-                m.load_state_dict(sd)
+                m.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in sd.items()})
 
 
 LEARNERS: dict[str, Callable[..., OnlineLearner]] = {"gp": TanimotoGP, "ensemble": DeepEnsemble}

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from labloop.models.acquisition import Policy, RandomPolicy, make_policy
 from labloop.models.learners import OnlineLearner, RowPacker, make_learner, unpack_rows
 
@@ -61,13 +60,14 @@ class PoolState:
         device: torch device for the learner (None = CUDA when present).
     """
 
-    def __init__(self, X: np.ndarray, maximize: bool, learner: str = "gp", policy: str = "greedy",
+    def __init__(self, X: np.ndarray, maximize: bool, learner: str = "gp", policy: str = "ucb",
                  seed: int = 0, device: str | None = None) -> None:
         self.X = np.asarray(X, dtype=np.float32)
         self.status = np.zeros(self.X.shape[0], dtype=np.int8)
         self.values = np.full(self.X.shape[0], np.nan)
         self.sign = 1.0 if maximize else -1.0
         self.learner: OnlineLearner = make_learner(learner, device=device)
+        self.seed = seed
         self.policy: Policy = make_policy(policy, seed=seed)
         self._random = RandomPolicy(seed=seed)
         self._new: list[int] = []
@@ -79,12 +79,43 @@ class PoolState:
     def size(self) -> int:
         return int(self.X.shape[0])
 
-    def __getstate__(self) -> dict[str, object]:
-        """Pickled for checkpoints: everything, with the pool's fingerprints sparse (packed once per pool)."""
-        return {**self.__dict__, "X": self._packer.pack(self.X, self.X), "_packer": None}
+    def state_dict(self, learner: bool = True) -> dict[str, Any]:
+        """Everything but caches, as arrays and JSON values (see :mod:`labloop.models.state`): the
+        fingerprints sparse (rows packed once), statuses and values copied, the policies' random
+        streams. ``learner=False`` leaves the learner's state out, for a caller that gets it
+        elsewhere (from the model process): :meth:`from_state` then needs it given."""
+        out: dict[str, Any] = {
+            "X": self._packer.pack(self.X, self.X), "status": self.status.copy(), "values": self.values.copy(),
+            "maximize": self.sign > 0, "seed": self.seed, "model_version": self.model_version,
+            "new": np.asarray(self._new, dtype=np.int64), "policy": self.policy.name,
+            "policy_state": self.policy.state_dict(), "random_state": self._random.state_dict(),
+            "learner_name": self.learner.name}
+        if learner:
+            out["learner"] = self.learner.state_dict()
+        return out
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update({**state, "X": unpack_rows(state["X"]), "_packer": RowPacker()})  # type: ignore[arg-type]
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: str | None = None,
+                   learner: dict[str, Any] | None = None) -> PoolState:
+        """Rebuild what :meth:`state_dict` described; ``learner``: the learner's state when it was
+        stored apart. The learner is refitted from its stored data, not unpickled."""
+        X = unpack_rows(state["X"])
+        ps = cls(np.zeros((0, X.shape[1]), dtype=np.float32), maximize=bool(state["maximize"]),
+                 learner=state["learner_name"], policy=state["policy"], seed=int(state["seed"]), device=device)
+        ps.X = X
+        ps.status = np.asarray(state["status"], dtype=np.int8)
+        ps.values = np.asarray(state["values"], dtype=np.float64)
+        if not ps.status.shape == ps.values.shape == (X.shape[0],):
+            raise ValueError(f"pool state out of shape: {X.shape[0]} rows, {ps.status.shape} statuses")
+        ps.model_version = int(state["model_version"])
+        ps._new = [int(i) for i in np.asarray(state["new"]).tolist()]
+        ps.policy.load_state_dict(state["policy_state"])
+        ps._random.load_state_dict(state["random_state"])
+        ls = learner if learner is not None else state.get("learner")
+        if ls is None:
+            raise ValueError("pool state without its learner's state")
+        ps.learner.load_state_dict(ls)
+        return ps
 
     def add(self, X: np.ndarray, packed: dict[str, Any] | None = None) -> np.ndarray:
         """Append candidates; returns their pool positions. ``packed``: the rows as
@@ -99,6 +130,10 @@ class PoolState:
         self.values = np.concatenate([self.values, np.full(X.shape[0], np.nan)])
         self._pred = None
         return np.arange(start, self.size)
+
+    def set_policy(self, name: str) -> None:
+        """Choose by another registered policy from now on (seeded like the first)."""
+        self.policy = make_policy(name, seed=self.seed)
 
     def count(self, status: int) -> int:
         return int((self.status == status).sum())

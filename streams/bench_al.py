@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
-
 from labloop.consumers.virtual_lab import open_text
 from labloop.models import FeatureSpec, PoolState, TopK, calibration, parse_many, round_targets, topk_measures
 from labloop.models.chem import featurize_mols
 from labloop.schemas import LabloopError
-from labloop.streams.campaign import DEFAULTS
 from labloop.streams.datasets import Dataset
+from labloop.streams.definition import DEFAULT_LEARNER, DEFAULT_POLICY
+from rich.console import Console
+from rich.table import Table
 
 __all__ = ["ALConfig", "BenchInputError", "load_csv", "run_bench"]
 
@@ -43,8 +42,8 @@ class ALConfig:
     batch_frac: float = 0.01
     rounds: int = 5
     seeds: int = 5
-    learner: str = DEFAULTS.learner
-    policy: str = DEFAULTS.policy
+    learner: str = DEFAULT_LEARNER
+    policy: str = DEFAULT_POLICY
     device: str | None = None
     asynchronous: bool = False
     async_update_every: int = 0  # results per model update in async mode; 0 = a tenth of the batch
@@ -245,7 +244,7 @@ def offline_vs_stack(settings: Any, ds: Dataset, cfg: ALConfig, X: np.ndarray | 
     offline = _one_seed_rounds(X if X is not None else _featurize(ds), y, ds, replace(cfg, seeds=1), 0,
                                TopK(y, cfg.top_k, ds.minimize, ds.smiles), targets)
     run = run_on_stack(settings, ds, init, batch, budget, seed=0, top_k=cfg.top_k,
-                       defaults=replace(DEFAULTS, learner=cfg.learner, policy=cfg.policy), console=console)
+                       learner=cfg.learner, policy=cfg.policy, console=console)
     t = Table("n acquired", "offline (models/)", "through the stack", title="seed 0: offline vs stack")
     for a, b in zip(offline, run["rounds"], strict=False):
         t.add_row(str(int(a["n_acquired"])), f"{a['pct_topk_scores_found']:.1f}", f"{b['pct_topk_scores_found']:.1f}")

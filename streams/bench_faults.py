@@ -31,17 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
-
 from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab, connect
 from labloop.consumers.clickhouse import TABLES
 from labloop.consumers.kafka import make_consumer, make_producer
 from labloop.schemas import TOPICS, Codec
 from labloop.streams.campaign import now_ms
 from labloop.streams.datasets import enamine10k
+from labloop.streams.definition import CampaignSpec
 from labloop.streams.runtime import Stack, free_port
 from labloop.streams.settings import Settings
+from rich.console import Console
+from rich.table import Table
 
 __all__ = ["FaultBenchConfig", "POISON_KINDS", "print_fault_bench", "run_fault_bench"]
 
@@ -82,9 +82,8 @@ class _Ledger:
 
 
 def _campaign(cid: str, pool: int, budget: int, seed: int) -> dict[str, Any]:
-    return {"campaign_id": cid, "objective_assay_id": "vina", "direction": "MINIMIZE", "unit": "kcal/mol",
-            "batch_size": 8, "init_size": 8, "budget": budget, "min_pool_size": pool, "policy": "ucb", "learner": "gp",
-            "schedule": "CONTINUOUS", "request_ttl_s": 3600.0, "seed": seed, "event_time": now_ms()}
+    return CampaignSpec(cid, "vina", "kcal/mol", direction="MINIMIZE", batch_size=8, init_size=8, budget=budget,
+                        min_pool_size=pool, schedule="CONTINUOUS", request_ttl_s=3600.0, seed=seed).to_record(now_ms())
 
 
 def _reading(rid: str, cid: str, compound: str, value: float, **over: Any) -> dict[str, Any]:

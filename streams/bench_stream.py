@@ -26,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
-
 from labloop.consumers.kafka import make_consumer, make_producer
 from labloop.schemas import TOPICS, Codec
 from labloop.streams.campaign import now_ms
 from labloop.streams.datasets import enamine10k
+from labloop.streams.definition import CampaignSpec
 from labloop.streams.runtime import Stack
 from labloop.streams.settings import Settings
+from rich.console import Console
+from rich.table import Table
 
 __all__ = ["StreamBenchConfig", "run_stream_bench"]
 
@@ -62,9 +62,8 @@ class StreamBenchConfig:
 
 
 def _campaign(cid: str, pool: int, seed: int) -> dict[str, Any]:
-    return {"campaign_id": cid, "objective_assay_id": "bench", "direction": "MAXIMIZE", "unit": "u", "batch_size": 8,
-            "init_size": 8, "budget": 64, "min_pool_size": pool, "policy": "ucb", "learner": "gp",
-            "schedule": "CONTINUOUS", "request_ttl_s": 3600.0, "seed": seed, "event_time": now_ms()}
+    return CampaignSpec(cid, "bench", "u", batch_size=8, init_size=8, budget=64, min_pool_size=pool,
+                        schedule="CONTINUOUS", request_ttl_s=3600.0, seed=seed).to_record(now_ms())
 
 
 class _Monitor:

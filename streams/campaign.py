@@ -7,23 +7,25 @@ logic here makes it testable and keeps the agents thin.
 from __future__ import annotations
 
 import math
-import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from labloop.models import PoolState
+from labloop.models.learners import pack_rows, unpack_rows
 from labloop.models.loop import FAILED, MEASURED, PENDING
+from labloop.models.state import pack_strings, unpack_strings
 from labloop.schemas import Codec, InvalidEvent
 from labloop.schemas.codec import avro_string
 from labloop.schemas.types import Record
+from labloop.streams.definition import CampaignSpec
 
-__all__ = ["DEFAULTS", "CampaignDefaults", "CampaignRuntime", "Emit", "PREDICTION_CHUNK", "PredictionWriter", "Raw",
+__all__ = ["CampaignRuntime", "Emit", "PREDICTION_CHUNK", "PredictionWriter", "Raw",
            "Update", "now_ms", "unknown_campaign"]
 
 _SEEN_CHUNKS = 64  # seen_readings chunks before a checkpoint packs them into one again
+STATE_FORMAT = 2  # of CampaignRuntime.state_dict; 1 was a pickle, which is never loaded
 PREDICTION_CHUNK = 2000  # items per Prediction message: ~60 kB, well under broker limits
 
 
@@ -36,22 +38,6 @@ def _opt(v: float) -> float | None:
     return None if math.isnan(v) else float(v)
 
 
-@dataclass(frozen=True)
-class CampaignDefaults:
-    """The loop's default campaign setting, chosen by benchmark (see README).
-
-    Tanimoto-kernel GP on Morgan count fingerprints with UCB (beta = 2): on Enamine 10k
-    it found 80.4 +- 0.8 % of the top-100 scores at 6 % acquired (5 seeds), ahead of
-    greedy (77.6), Thompson (66.7), bit fingerprints (52.0) and a deep ensemble (61.0).
-    """
-
-    learner: str = "gp"
-    policy: str = "ucb"
-    schedule: str = "ROUNDS"
-    request_ttl_s: float = 3600.0
-
-
-DEFAULTS = CampaignDefaults()
 
 
 @dataclass(frozen=True)
@@ -150,7 +136,7 @@ class CampaignRuntime:
 
     campaign_id: str
     device: str | None = None
-    definition: Record | None = None
+    definition: CampaignSpec | None = None
     pool: PoolState | None = None
     compound_ids: list[str] = field(default_factory=list)
     smiles: list[str] = field(default_factory=list)
@@ -166,45 +152,93 @@ class CampaignRuntime:
     model_offsets: dict[int, dict[str, int]] = field(default_factory=dict)
     done_announced: bool = False
     _staged: list[np.ndarray] = field(default_factory=list)
-    # Checkpoints pack seen_readings incrementally: ids applied since the last pickle, and the
-    # pickled chunks of those before (a snapshot then costs the new ids, not all of them).
+    # Checkpoints store seen_readings incrementally: ids applied since the last snapshot, and the
+    # packed chunks of those before (a snapshot then costs the new ids, not all of them).
     _seen_new: list[str] = field(default_factory=list, repr=False)
-    _seen_chunks: list[bytes] = field(default_factory=list, repr=False)
+    _seen_chunks: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
     _seen_packed: int = 0
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled for checkpoints, ``seen_readings`` as chunks: only the ids applied since the
-        last pickle are pickled anew (all of them again if the set was changed directly, or once
-        per ``_SEEN_CHUNKS`` snapshots, so the chunks stay few)."""
+    def state_dict(self, learner: bool = True) -> dict[str, Any]:
+        """The campaign as arrays and JSON values (see :mod:`labloop.models.state`), for a checkpoint.
+
+        ``seen_readings`` goes as chunks: only the ids applied since the last snapshot are packed
+        anew (all of them again if the set was changed directly, or once per ``_SEEN_CHUNKS``
+        snapshots, so the chunks stay few). ``learner=False`` leaves the learner's state out for
+        the caller to add under ``["pool"]["learner"]`` (it lives in the model process).
+        Call with the campaign's lock held: arrays that change in place are copied.
+        """
         if len(self.seen_readings) != self._seen_packed + len(self._seen_new) or len(self._seen_chunks) >= _SEEN_CHUNKS:
             self._seen_chunks, self._seen_packed, self._seen_new = [], 0, list(self.seen_readings)
         if self._seen_new:
-            self._seen_chunks.append(pickle.dumps(self._seen_new, pickle.HIGHEST_PROTOCOL))
+            self._seen_chunks.append(pack_strings(self._seen_new))
             self._seen_packed += len(self._seen_new)
             self._seen_new = []
-        return {**self.__dict__, "seen_readings": None, "_seen_new": [], "_seen_chunks": list(self._seen_chunks)}
+        reqs = list(self.requests.items())
+        d = self.definition
+        return {
+            "format": STATE_FORMAT, "campaign_id": self.campaign_id,
+            "definition": None if d is None else {k: v for k, v in d.to_record(0).items() if k != "event_time"},
+            "pool": None if self.pool is None else self.pool.state_dict(learner=learner),
+            "compound_ids": pack_strings(self.compound_ids), "smiles": pack_strings(self.smiles),
+            "requests": {"ids": pack_strings([k for k, _ in reqs]),
+                         "index": np.array([r.index for _, r in reqs], dtype=np.int64),
+                         "sequence": np.array([r.sequence for _, r in reqs], dtype=np.int64),
+                         "expires_at": np.array([r.expires_at for _, r in reqs], dtype=np.int64),
+                         "status": pack_strings([r.status for _, r in reqs])},
+            "seen": list(self._seen_chunks), "n_requested": self.n_requested, "n_issued": self.n_issued,
+            "n_batches": self.n_batches, "n_readings": self.n_readings, "applied_offsets": dict(self.applied_offsets),
+            "model_offsets": {str(v): dict(o) for v, o in self.model_offsets.items()},
+            "done_announced": self.done_announced,
+            "staged": pack_rows(np.concatenate(self._staged)) if self._staged else None}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        chunks = state.get("_seen_chunks", [])
-        if state.get("seen_readings") is None:  # the chunks are part of the worker's own checkpoint
-            state["seen_readings"] = {rid for chunk in chunks for rid in pickle.loads(chunk)}  # noqa: S301
-        self.__dict__.update(state)
-        self._seen_new, self._seen_chunks = [], list(chunks)
-        self._seen_packed = len(self.seen_readings) if chunks else 0
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: str | None = None) -> CampaignRuntime:
+        """Rebuild a campaign from :meth:`state_dict` (its learner is refitted from its stored data).
+
+        Raises:
+            InvalidEvent: the state is of another format, or its definition does not validate.
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise InvalidEvent(f"campaign state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        rt = cls(str(state["campaign_id"]), device=device)
+        if state["definition"] is not None:
+            rt.definition = CampaignSpec.from_record({**state["definition"], "event_time": 0})
+        if state["pool"] is not None:
+            rt.pool = PoolState.from_state(state["pool"], device=device)
+        rt.compound_ids, rt.smiles = unpack_strings(state["compound_ids"]), unpack_strings(state["smiles"])
+        rt.index = {c: i for i, c in enumerate(rt.compound_ids)}
+        q = state["requests"]
+        rt.requests = {rid: _Request(int(i), int(seq), int(exp), st) for rid, i, seq, exp, st in zip(
+            unpack_strings(q["ids"]), q["index"].tolist(), q["sequence"].tolist(), q["expires_at"].tolist(),
+            unpack_strings(q["status"]), strict=True)}
+        rt._seen_chunks = list(state["seen"])
+        rt.seen_readings = {rid for chunk in rt._seen_chunks for rid in unpack_strings(chunk)}
+        rt._seen_packed = len(rt.seen_readings)
+        rt.n_requested, rt.n_issued = int(state["n_requested"]), int(state["n_issued"])
+        rt.n_batches, rt.n_readings = int(state["n_batches"]), int(state["n_readings"])
+        rt.applied_offsets = {str(k): int(v) for k, v in state["applied_offsets"].items()}
+        rt.model_offsets = {int(v): {str(k): int(o) for k, o in offs.items()} for v, offs in state["model_offsets"].items()}
+        rt.done_announced = bool(state["done_announced"])
+        rt._staged = [unpack_rows(state["staged"])] if state["staged"] is not None else []
+        return rt
 
     # ---- inputs -------------------------------------------------------------------------
     def define(self, record: Record) -> None:
-        if record["direction"] not in ("MINIMIZE", "MAXIMIZE"):
-            raise InvalidEvent(f"direction {record['direction']!r}")
-        if record["batch_size"] <= 0 or record["budget"] < 0 or record["init_size"] < 0:
-            raise InvalidEvent("batch_size must be > 0, budget and init_size >= 0")
-        first = self.definition is None
-        self.definition = record
-        if first:
-            X = np.concatenate(self._staged) if self._staged else np.zeros((0, 0), dtype=np.float32)
-            self._staged = []
-            self.pool = PoolState(X, maximize=record["direction"] == "MAXIMIZE", learner=record["learner"],
-                                  policy=record["policy"], seed=int(record["seed"]), device=self.device)
+        """Apply a ``Campaign`` event. Validated first: an invalid definition, or one that changes
+        what a running campaign is built on (:data:`~labloop.streams.definition.FIXED`), raises
+        :class:`~labloop.streams.definition.InvalidDefinition` and changes nothing."""
+        spec = CampaignSpec.from_record(record)
+        if self.definition is not None:
+            self.definition.check_change(spec)
+            if self.pool is not None and spec.policy != self.definition.policy:
+                self.pool.set_policy(spec.policy)
+            self.definition = spec
+            return
+        X = np.concatenate(self._staged) if self._staged else np.zeros((0, 0), dtype=np.float32)
+        self.pool = PoolState(X, maximize=spec.maximize, learner=spec.learner, policy=spec.policy, seed=spec.seed,
+                              device=self.device)
+        self._staged = []
+        self.definition = spec
 
     def add_compounds(self, records: list[Record], X: np.ndarray, packed: dict[str, Any] | None = None) -> int:
         """Add featurized compounds (row ``i`` of ``X`` for ``records[i]``); returns how many were new.
@@ -241,10 +275,11 @@ class CampaignRuntime:
         if self.definition is None or self.pool is None:
             return [unknown_campaign(self.campaign_id, readings)]
         d = self.definition
-        objective = assay_id == d["objective_assay_id"]
-        if objective and unit != d["unit"]:
-            return [InvalidEvent(f"reading {r['reading_id']}: unit {unit!r}, campaign expects {d['unit']!r}", k)
+        objective = assay_id == d.objective_assay_id
+        if objective and unit != d.unit:
+            return [InvalidEvent(f"reading {r['reading_id']}: unit {unit!r}, campaign expects {d.unit!r}", k)
                     for k, r in enumerate(readings)]
+        low, high = d.range_of(assay_id)
         index, seen, requests, new_ids = self.index, self.seen_readings, self.requests, self._seen_new
         errors: list[InvalidEvent] = []
         idx: list[int] = []
@@ -259,8 +294,10 @@ class CampaignRuntime:
                     f"reading {rid}: compound {r['compound_id']!r} is not in campaign {self.campaign_id!r}", k))
                 continue
             v = r["value"]
-            if not math.isfinite(v):
-                errors.append(InvalidEvent(f"reading {rid}: value {v} is not finite", k))
+            if not low <= v <= high:  # NaN fails both
+                why = "is not finite" if not math.isfinite(v) else \
+                    f"is outside the plausible range [{low:g}, {high:g}] of assay {assay_id!r}"
+                errors.append(InvalidEvent(f"reading {rid}: value {v} {why}", k))
                 continue
             req = r["request_id"]
             if req is not None:
@@ -327,17 +364,17 @@ class CampaignRuntime:
     def wanted(self) -> int:
         """How many requests to issue now (0 = wait)."""
         d, pool = self.definition, self.pool
-        if d is None or pool is None or pool.size < d.get("min_pool_size", 0) or pool.size == 0:
+        if d is None or pool is None or pool.size < d.min_pool_size or pool.size == 0:
             return 0
-        left = d["budget"] - self.n_requested
+        left = d.budget - self.n_requested
         if left <= 0:
             return 0
-        if d["schedule"] == "ROUNDS":
+        if d.schedule == "ROUNDS":
             if self.pending:
                 return 0
-            k = d["init_size"] if self.n_batches == 0 else d["batch_size"]
+            k = d.init_size if self.n_batches == 0 else d.batch_size
         else:
-            k = (d["init_size"] if self.n_batches == 0 else d["batch_size"]) - self.pending
+            k = (d.init_size if self.n_batches == 0 else d.batch_size) - self.pending
         return max(0, min(k, left))
 
     def take_update(self) -> Update | None:
@@ -371,7 +408,7 @@ class CampaignRuntime:
         k = self.wanted()
         if k > 0:
             return self.propose(k)
-        if not self.done_announced and self.definition["budget"] <= self.n_requested and self.pending == 0:
+        if not self.done_announced and self.definition.budget <= self.n_requested and self.pending == 0:
             return self.model_events(0.0, 0, device, n_readings=self.n_readings)
         return []
 
@@ -387,10 +424,10 @@ class CampaignRuntime:
         measured = pool.values[pool.status == MEASURED]
         best = None
         if measured.size:
-            best = float(measured.max() if self.definition["direction"] == "MAXIMIZE" else measured.min())
-        done = self.n_requested >= self.definition["budget"] and pool.count(PENDING) == 0
+            best = float(measured.max() if self.definition.maximize else measured.min())
+        done = self.n_requested >= self.definition.budget and pool.count(PENDING) == 0
         out = [Emit("model_updates", "ModelUpdate", {
-            "campaign_id": self.campaign_id, "model_version": pool.model_version, "learner": self.definition["learner"],
+            "campaign_id": self.campaign_id, "model_version": pool.model_version, "learner": self.definition.learner,
             "device": device, "n_train": pool.learner.n_seen, "n_new": n_new, "n_measured": int(measured.size),
             "n_failed": pool.count(FAILED), "n_pending": pool.count(PENDING), "n_requested": self.n_requested,
             "pool_size": pool.size, "best_value": best, "train_s": train_s, "done": done,
@@ -408,15 +445,15 @@ class CampaignRuntime:
         for prio, i in enumerate(prop.index.tolist()):
             seq = self.n_issued
             rid = f"{self.campaign_id}-r{seq:07d}"
-            expires = t + int(d["request_ttl_s"] * 1000)
+            expires = t + int(d.request_ttl_s * 1000)
             self.requests[rid] = _Request(i, seq, expires)
             self.n_requested += 1
             self.n_issued += 1
 
             out.append(Emit("requests", "ExperimentRequest", {
                 "request_id": rid, "campaign_id": self.campaign_id, "compound_id": self.compound_ids[i],
-                "smiles": self.smiles[i], "assay_id": d["objective_assay_id"], "priority": prio, "sequence": seq,
-                "batch": self.n_batches, "policy": d["policy"] if prop.model_version else "random",
+                "smiles": self.smiles[i], "assay_id": d.objective_assay_id, "priority": prio, "sequence": seq,
+                "batch": self.n_batches, "policy": d.policy if prop.model_version else "random",
                 "acquisition_score": _opt(prop.score[prio]), "predicted_mean": _opt(prop.mean[prio]),
                 "predicted_std": _opt(prop.std[prio]),
                 "model_version": prop.model_version, "trained_on": self.model_offsets.get(prop.model_version, {}),

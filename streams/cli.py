@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from labloop.schemas import LabloopError
+from labloop.streams.definition import DEFAULT_LEARNER, DEFAULT_POLICY, CampaignSpec
+from labloop.streams.settings import Settings, load_settings
 from rich.console import Console
 from rich.table import Table
-
-from labloop.schemas import LabloopError
-from labloop.streams.campaign import DEFAULTS
-from labloop.streams.settings import Settings, load_settings
 
 app = typer.Typer(help="labloop: a lab-in-the-loop for drug discovery on Kafka, Faust and ClickHouse.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -85,7 +84,6 @@ def worker() -> None:
 
     import torch
     from faust.worker import Worker
-
     from labloop.streams.worker import create_app
 
     s = _settings()
@@ -93,7 +91,6 @@ def worker() -> None:
     fit_threads = max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(fit_threads)
     from confluent_kafka.admin import AdminClient
-
     from labloop.streams.checkpoint import CheckpointStore
     from labloop.streams.recovery import rebuild
 
@@ -104,7 +101,7 @@ def worker() -> None:
     if s.model_process:
         w.start_models(fit_threads)
     # A replacement worker first restores what its predecessor had applied (see streams/recovery.py).
-    rebuild(w.campaigns, w.campaign, _kafka(s), group, w.codec, w.spec, w.checkpoints)
+    rebuild(w.campaigns, s.torch_device, _kafka(s), group, w.codec, w.spec, w.checkpoints)
     w.changed.update(w.campaigns)  # the replay changed them since their snapshots: the next checkpoint re-writes them
     w.adopt_all()
     # Objects alive now (modules, the restored campaigns) live as long as the worker: the collector
@@ -173,27 +170,23 @@ def campaign(
     init_size: Annotated[int, typer.Option(min=0)] = 96,
     budget: Annotated[int, typer.Option(min=0)] = 960,
     min_pool_size: Annotated[int, typer.Option(min=0, help="wait for this many compounds")] = 0,
-    policy: Annotated[str, typer.Option()] = DEFAULTS.policy,
-    learner: Annotated[str, typer.Option()] = DEFAULTS.learner,
+    policy: Annotated[str, typer.Option()] = DEFAULT_POLICY,
+    learner: Annotated[str, typer.Option()] = DEFAULT_LEARNER,
     continuous: Annotated[bool, typer.Option(help="refill as results arrive instead of in rounds")] = False,
-    ttl_s: Annotated[float, typer.Option(help="request expiry, seconds")] = 86_400.0,
+    ttl_s: Annotated[float, typer.Option(help="request expiry, seconds")] = CampaignSpec.request_ttl_s,
     seed: int = 0,
 ) -> None:
     """Define (or redefine) a campaign."""
     from labloop.consumers.kafka import make_producer
     from labloop.consumers.publisher import publish_records
-    from labloop.models.acquisition import POLICIES
-    from labloop.models.learners import LEARNERS
     from labloop.streams.campaign import now_ms
+    from labloop.streams.definition import CampaignSpec
 
-    if policy not in POLICIES or learner not in LEARNERS:
-        raise typer.BadParameter(f"policy must be one of {sorted(POLICIES)}, learner one of {sorted(LEARNERS)}")
+    spec = CampaignSpec(campaign_id, assay, unit, direction=direction.value.upper(), batch_size=batch_size,  # type: ignore[arg-type]
+                        init_size=init_size, budget=budget, min_pool_size=min_pool_size, policy=policy, learner=learner,
+                        schedule="CONTINUOUS" if continuous else "ROUNDS", request_ttl_s=ttl_s, seed=seed)
     s = _settings()
-    rec = {"campaign_id": campaign_id, "objective_assay_id": assay, "direction": direction.value.upper(), "unit": unit,
-           "batch_size": batch_size, "init_size": init_size, "budget": budget, "min_pool_size": min_pool_size,
-           "policy": policy, "learner": learner, "schedule": "CONTINUOUS" if continuous else "ROUNDS",
-           "request_ttl_s": ttl_s, "seed": seed, "event_time": now_ms()}
-    publish_records(make_producer(_kafka(s)), _codec(s), "campaigns", "Campaign", iter([rec]))
+    publish_records(make_producer(_kafka(s)), _codec(s), "campaigns", "Campaign", iter([spec.to_record(now_ms())]))
     console.print(f"campaign {campaign_id} published")
 
 
@@ -426,8 +419,8 @@ def bench_al(
     batch_frac: float = 0.01,
     rounds: Annotated[int, typer.Option(min=0)] = 5,
     seeds: Annotated[int, typer.Option(min=1)] = 5,
-    learner: str = DEFAULTS.learner,
-    policy: str = DEFAULTS.policy,
+    learner: str = DEFAULT_LEARNER,
+    policy: str = DEFAULT_POLICY,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     asynchronous: Annotated[bool, typer.Option("--async", help="fixed number in flight, results one by one")] = False,
     stack: Annotated[bool, typer.Option("--stack", help="also run seed 0 through the embedded stack")] = False,

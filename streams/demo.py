@@ -14,20 +14,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
 from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab
 from labloop.consumers.kafka import make_consumer, make_producer
 from labloop.consumers.publisher import publish_records
 from labloop.models import TopK, round_targets, topk_measures
 from labloop.schemas import TOPICS, Codec, LabloopError
-from labloop.streams.campaign import DEFAULTS, CampaignDefaults, now_ms
+from labloop.streams.campaign import now_ms
 from labloop.streams.datasets import Dataset, enamine10k, published_results
+from labloop.streams.definition import DEFAULT_LEARNER, DEFAULT_POLICY, CampaignSpec
 from labloop.streams.runtime import Stack
 from labloop.streams.settings import Settings
 from labloop.streams.sql import analyst_client
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 __all__ = ["DemoFailed", "run_demo", "run_on_stack"]
 
@@ -47,12 +47,12 @@ class DemoFailed(LabloopError):
     """The demo campaign did not finish, or its results did not land."""
 
 
-def _campaign_record(cid: str, ds: Dataset, init: int, batch: int, budget: int, d: CampaignDefaults,
-                     seed: int) -> dict[str, Any]:
-    return {"campaign_id": cid, "objective_assay_id": "vina-4UNN", "direction": "MINIMIZE" if ds.minimize else "MAXIMIZE",
-            "unit": ds.unit, "batch_size": batch, "init_size": init, "budget": budget, "min_pool_size": len(ds.smiles),
-            "policy": d.policy, "learner": d.learner, "schedule": d.schedule, "request_ttl_s": d.request_ttl_s,
-            "seed": seed, "event_time": now_ms()}
+def _campaign_spec(cid: str, ds: Dataset, assay_id: str, init: int, batch: int, budget: int, learner: str, policy: str,
+                   seed: int) -> CampaignSpec:
+    """The demo's campaign: rounds of ``batch`` after a random start of ``init``, once the whole pool is registered."""
+    return CampaignSpec(cid, assay_id, ds.unit, direction="MINIMIZE" if ds.minimize else "MAXIMIZE", batch_size=batch,
+                        init_size=init, budget=budget, min_pool_size=len(ds.smiles), policy=policy, learner=learner,
+                        seed=seed)
 
 
 def _wait_done(stack: Stack, codec: Codec, cid: str, budget: int, lab: VirtualLab, timeout_s: float,
@@ -136,7 +136,7 @@ def _plot(rounds: list[dict[str, Any]], pub: dict[str, list[tuple[int, float, fl
 
 def run_on_stack(settings: Settings, ds: Dataset, init: int, batch: int, budget: int, *, seed: int = 0,
                  top_k: int = 100, timeout_s: float = 900, progress: bool = True, lab_latency_s: float = 0.0,
-                 defaults: CampaignDefaults = DEFAULTS, assay_id: str = "objective",
+                 learner: str = DEFAULT_LEARNER, policy: str = DEFAULT_POLICY, assay_id: str = "objective",
                  console: Console | None = None) -> dict[str, Any]:
     """One campaign through the embedded stack with a virtual lab answering from ``ds``.
 
@@ -147,14 +147,14 @@ def run_on_stack(settings: Settings, ds: Dataset, init: int, batch: int, budget:
     cid = f"{ds.name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
     codec = Codec(registry_url=settings.schema_registry_url, registry_config=settings.registry_config())
     console.print(f"[bold]campaign[/] [cyan]{cid}[/]: pool {len(ds.smiles)}, random start {init}, then batches of "
-                  f"{batch}, budget {budget}; {defaults.learner} + {defaults.policy}")
+                  f"{batch}, budget {budget}; {learner} + {policy}")
     with Stack(settings) as stack:
         console.print(f"  broker   {stack.bootstrap} ({'embedded Tansu' if stack.broker else 'external'})")
         console.print(f"  sink     ClickHouse {settings.clickhouse_target}, HTTP at {stack.clickhouse_url}")
         console.print(f"  worker   Faust, logs in {settings.data_dir / 'logs'}")
         producer = make_producer(stack.kafka_config)
-        rec = _campaign_record(cid, ds, init, batch, budget, defaults, seed)
-        publish_records(producer, codec, "campaigns", "Campaign", iter([{**rec, "objective_assay_id": assay_id}]))
+        spec = _campaign_spec(cid, ds, assay_id, init, batch, budget, learner, policy, seed)
+        publish_records(producer, codec, "campaigns", "Campaign", iter([spec.to_record(now_ms())]))
         t = now_ms()
         rows = iter([{"campaign_id": cid, "compound_id": f"P{i:06d}", "smiles": s, "source": ds.name,
                       "event_time": t, "ingest_time": t} for i, s in enumerate(ds.smiles)])
@@ -227,7 +227,7 @@ def run_demo(settings: Settings, *, report: Path | None = None, plot: Path = Pat
               "pct_topk_scores_found": rounds[-1]["pct_topk_scores_found"], "rounds": rounds,
               "readings_published": published, "readings_in_clickhouse": n_readings,
               "failed_experiments": run["failed"], "model_versions": run["final"]["model_version"],
-              "learner": DEFAULTS.learner, "policy": DEFAULTS.policy, "wall_s": round(wall, 1)}
+              "learner": DEFAULT_LEARNER, "policy": DEFAULT_POLICY, "wall_s": round(wall, 1)}
     if report:
         report.write_text(json.dumps(result, indent=2))
         console.print(f"  report: {report}")

@@ -11,7 +11,8 @@ the learners, never Faust, nor the worker's main module) and talks to it over a 
 pair, one request at a time. :class:`RemoteLearner` is the parent's stand-in
 for one campaign's learner: it implements :class:`~labloop.models.learners.OnlineLearner`, ships
 only what the child lacks (the rows of compounds it has not seen, the pool rows added
-since its last prediction), and pickles, for checkpoints, as the child's learner.
+since its last prediction); for checkpoints it asks the child for its learner's state (arrays
+and plain values, as :mod:`labloop.models.state` stores them).
 
 The child exits when the worker's end of the pipe closes (the worker stopped, or was
 killed). If the child dies, every later call raises :class:`ModelHostError`.
@@ -19,25 +20,21 @@ killed). If the child dies, every later call raises :class:`ModelHostError`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import pickle
 import socket
 import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
-
-from labloop.models.learners import OnlineLearner
+from labloop.models.learners import OnlineLearner, make_learner
 from labloop.schemas import LabloopError
 
-__all__ = ["ModelHost", "ModelHostError", "RemoteLearner", "with_learner_state"]
+__all__ = ["ModelHost", "ModelHostError", "RemoteLearner"]
 
 log = logging.getLogger("labloop.modelhost")
 
@@ -55,10 +52,14 @@ def _serve(conn: Connection, threads: int) -> None:  # pragma: no cover - runs i
     pools: dict[str, np.ndarray] = {}  # per campaign, the pool rows synced so far (float32, n x d)
 
     def handle(op: str, key: str, *args: Any) -> Any:
-        if op == "load":
-            learners[key] = pickle.loads(args[0])  # noqa: S301 - the worker's own learner, over its own socket
+        if op == "load":  # a learner's name, state and device: rebuilt from data, never unpickled from bytes
+            name, state, device = args
+            learner = make_learner(name, device=device)
+            if state is not None:
+                learner.load_state_dict(state)
+            learners[key] = learner
             pools[key] = np.zeros((0, 0), dtype=np.float32)
-            return str(getattr(learners[key], "device", "cpu"))
+            return str(getattr(learner, "device", "cpu"))
         learner = learners.get(key)
         if learner is None:
             raise ModelHostError(f"no learner for campaign {key!r} in the model process")
@@ -84,7 +85,7 @@ def _serve(conn: Connection, threads: int) -> None:  # pragma: no cover - runs i
                 learner.reserve(pool.shape[0])
             return learner.predict(pool)
         if op == "state":
-            return pickle.dumps(learner, pickle.HIGHEST_PROTOCOL)
+            return learner.state_dict()
         raise ModelHostError(f"unknown request {op!r}")
 
     while True:
@@ -177,14 +178,13 @@ class ModelHost:
         return self.submit(op, key, *args).result()
 
     def adopt(self, key: str, learner: OnlineLearner) -> RemoteLearner:
-        """Move ``learner`` (a local one, or a :class:`RemoteLearner` restored from a checkpoint)
-        into the child under ``key``; returns its stand-in."""
+        """Move a local ``learner`` into the child under ``key`` (its state travels as data, and the
+        child rebuilds it); returns its stand-in."""
         if isinstance(learner, RemoteLearner):
-            blob, n_seen = learner.detached_state()
-        else:
-            blob, n_seen = pickle.dumps(learner, pickle.HIGHEST_PROTOCOL), learner.n_seen
-        device = self.call("load", key, blob)
-        return RemoteLearner(self, key, learner.name, device, n_seen)
+            raise ModelHostError(f"learner of campaign {key!r} is already in a model process")
+        device = self.call("load", key, learner.name, learner.state_dict(),
+                           str(getattr(learner, "device", "cpu")))
+        return RemoteLearner(self, key, learner.name, device, learner.n_seen)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Ask the child to exit; kill it if it does not."""
@@ -206,34 +206,22 @@ class RemoteLearner(OnlineLearner):
     """A campaign's learner living in a :class:`ModelHost`.
 
     It scores one pool only: ``predict(X)`` takes the campaign's pool rows, which only
-    grow, and ``update`` needs ``keys`` (pool positions). Pickled (a checkpoint), it is
-    the child's learner as bytes; unpickled, it is detached until
-    :meth:`ModelHost.adopt` moves it into a running child.
+    grow, and ``update`` needs ``keys`` (pool positions). Its state is the child's learner's
+    :meth:`~labloop.models.learners.OnlineLearner.state_dict`; a restored campaign gets a local
+    learner from it, which :meth:`ModelHost.adopt` moves into a child.
     """
 
-    def __init__(self, host: ModelHost | None, key: str, name: str, device: str, n_seen: int) -> None:
+    def __init__(self, host: ModelHost, key: str, name: str, device: str, n_seen: int) -> None:
         self._host = host
         self.key = key
         self.name = name
         self.device = device
         self._n_seen = n_seen
         self._synced = 0  # pool rows the child has
-        self._blob: bytes | None = None  # while detached: the learner, pickled
-        self._defer = False  # pickle without the learner's bytes (see deferred())
 
     @property
     def n_seen(self) -> int:
         return self._n_seen
-
-    @property
-    def attached(self) -> bool:
-        """Whether a running :class:`ModelHost` holds this learner."""
-        return self._host is not None
-
-    def _live(self) -> ModelHost:
-        if self._host is None:
-            raise ModelHostError(f"learner of campaign {self.key!r} is detached: adopt it into a ModelHost first")
-        return self._host
 
     def update(self, X: np.ndarray, y: np.ndarray, keys: np.ndarray | None = None) -> None:
         if keys is None:
@@ -247,83 +235,26 @@ class RemoteLearner(OnlineLearner):
         self._send_update(np.ascontiguousarray(X_pool[keys[keys >= self._synced]], dtype=np.float32), y, keys)
 
     def _send_update(self, rest: np.ndarray, y: np.ndarray, keys: np.ndarray) -> None:
-        self._n_seen = int(self._live().call("update", self.key, self._synced, rest, np.asarray(y, dtype=np.float64), keys))
+        self._n_seen = int(self._host.call("update", self.key, self._synced, rest, np.asarray(y, dtype=np.float64), keys))
 
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if X.shape[0] < self._synced:
             raise ValueError(f"RemoteLearner scores its pool only: got {X.shape[0]} rows, the pool has {self._synced}")
-        mean, std = self._live().call("predict", self.key, self._synced, np.ascontiguousarray(X[self._synced:]))
+        mean, std = self._host.call("predict", self.key, self._synced, np.ascontiguousarray(X[self._synced:]))
         self._synced = X.shape[0]
         return mean, std
 
     def state_dict(self) -> dict[str, Any]:
-        blob, n_seen = self.detached_state()
-        return {"blob": blob, "n_seen": n_seen}
+        """The child's learner's state (blocks until the fits asked for before it are done)."""
+        return dict(self._host.call("state", self.key))
+
+    def request_state(self) -> Future[dict[str, Any]]:
+        """Ask the child for the learner's state now: the answer is the learner as it is between
+        the fits already asked for and any asked for later."""
+        return self._host.submit("state", self.key)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Become that learner, detached: :meth:`ModelHost.adopt` moves it into a child."""
-        self._host, self._synced = None, 0
-        self._blob, self._n_seen = state["blob"], int(state["n_seen"])
-
-    def request_state(self) -> Future[bytes]:
-        """Ask the child for the learner's bytes now: the answer is the learner as it is between
-        the fits already asked for and any asked for later."""
-        return self._live().submit("state", self.key)
-
-    @contextlib.contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Within: pickles without the learner's bytes, which :func:`with_learner_state` adds."""
-        self._defer = True
-        try:
-            yield
-        finally:
-            self._defer = False
-
-    def detached_state(self) -> tuple[bytes, int]:
-        """The learner as pickled bytes, and how many observations it has seen."""
-        if self._host is None:
-            assert self._blob is not None
-            return self._blob, self._n_seen
-        return self._host.call("state", self.key), self._n_seen
-
-    def __getstate__(self) -> dict[str, Any]:
-        blob, n_seen = (None, self._n_seen) if self._defer else self.detached_state()
-        return {"key": self.key, "name": self.name, "device": self.device, "n_seen": n_seen, "blob": blob}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(None, state["key"], state["name"], state["device"], state["n_seen"])  # type: ignore[misc]
-        self._blob = state["blob"] if state["blob"] is not None else _filling.blob
-        if self._blob is None:
-            raise ModelHostError(f"checkpoint of campaign {self.key!r} holds no learner state")
-
-
-class _Filling(threading.local):
-    blob: bytes | None = None
-
-
-_filling = _Filling()  # the learner bytes for the RemoteLearner being unpickled on this thread
-
-
-def _restore(pickled: bytes, learner: bytes) -> Any:
-    _filling.blob = learner
-    try:
-        return pickle.loads(pickled)  # noqa: S301 - the worker's own checkpoint
-    finally:
-        _filling.blob = None
-
-
-class _WithLearner:
-    def __init__(self, pickled: bytes, learner: bytes) -> None:
-        self.args = (pickled, learner)
-
-    def __reduce__(self) -> tuple[Any, tuple[bytes, bytes]]:
-        return _restore, self.args
-
-
-def with_learner_state(pickled: bytes, learner: bytes) -> bytes:
-    """An object pickled while its :class:`RemoteLearner` was :meth:`~RemoteLearner.deferred`,
-    plus that learner's bytes: one pickle that loads as the whole object."""
-    return pickle.dumps(_WithLearner(pickled, learner), pickle.HIGHEST_PROTOCOL)
+        raise ModelHostError("a RemoteLearner is loaded through ModelHost.adopt of a local learner")
 
 
 if __name__ == "__main__":  # pragma: no cover - the child: python -m labloop.streams.modelhost FD THREADS

@@ -21,8 +21,7 @@ from collections import defaultdict
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
-
-from labloop.models import FeatureSpec, parse_many
+from labloop.models import FeatureSpec, ModelError, parse_many
 from labloop.models.chem import featurize_mols
 from labloop.schemas import TOPICS, Codec, LabloopError
 from labloop.streams.campaign import CampaignRuntime
@@ -73,20 +72,22 @@ def _read(c: Consumer, tps: list[TopicPartition], stops: dict[tuple[str, int], i
     return out
 
 
-def rebuild(campaigns: dict[str, CampaignRuntime], make: Any, kafka_config: dict[str, str], group_id: str,
+def rebuild(campaigns: dict[str, CampaignRuntime], device: str | None, kafka_config: dict[str, str], group_id: str,
             codec: Codec, spec: FeatureSpec, store: CheckpointStore | None = None) -> dict[str, int]:
-    """Fill ``campaigns`` (via ``make(campaign_id)``) from the checkpoint in ``store`` (if any) and
-    the topics; returns counts of what was restored and applied."""
+    """Fill ``campaigns`` from the checkpoint in ``store`` (if any) and the topics; new runtimes
+    get torch ``device``. Returns counts of what was restored and applied."""
     t0 = time.perf_counter()
     stats: dict[str, int] = defaultdict(int)
     floors: dict[tuple[str, int], int] = {}
     try:
         ckpt = store.load() if store is not None else None
-    except CheckpointError as exc:
+        restored = {cid: CampaignRuntime.from_state(state, device) for cid, state in ckpt.campaigns.items()} \
+            if ckpt is not None else {}
+    except (CheckpointError, LabloopError, ModelError, ValueError, KeyError, TypeError) as exc:
         log.error("%s; replaying from the start instead", exc)
-        ckpt = None
+        ckpt, restored = None, {}
     if ckpt is not None:
-        campaigns.update(ckpt.campaigns)
+        campaigns.update(restored)
         floors = ckpt.floors
         stats["checkpointed_campaigns"] = len(ckpt.campaigns)
         log.warning("loaded checkpoint of %d campaign(s), %.1fs old", len(ckpt.campaigns), time.time() - ckpt.written_at)
@@ -115,7 +116,14 @@ def rebuild(campaigns: dict[str, CampaignRuntime], make: Any, kafka_config: dict
         except LabloopError:
             continue  # dead-lettered when it was first processed
     for _, r in by_role["campaigns"]:
-        make(r["campaign_id"]).define(r)
+        cid = r["campaign_id"]
+        rt = campaigns.get(cid) or CampaignRuntime(cid, device=device)
+        try:
+            rt.define(r)
+        except LabloopError:  # dead-lettered when it first arrived; the previous definition stands
+            stats["invalid_definitions"] += 1
+            continue
+        campaigns[cid] = rt
         stats["campaigns"] += 1
     pools: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for _, r in by_role["compounds"]:
@@ -126,7 +134,10 @@ def rebuild(campaigns: dict[str, CampaignRuntime], make: Any, kafka_config: dict
         if not recs:
             continue
         mols, ok, _ = parse_many([r["smiles"] for r in recs])
-        stats["compounds"] += make(cid).add_compounds([recs[i] for i in ok], featurize_mols(mols, spec))
+        rt = campaigns.get(cid)
+        if rt is None:  # compounds of a campaign never (validly) defined: as the worker does, staged for it
+            rt = campaigns[cid] = CampaignRuntime(cid, device=device)
+        stats["compounds"] += rt.add_compounds([recs[i] for i in ok], featurize_mols(mols, spec))
     for _, r in by_role["requests"]:
         rt = campaigns.get(r["campaign_id"])
         if rt is not None and rt.restore_request(r):

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
-
 from labloop.schemas import TOPICS, LabloopError, TopicSpec
 from labloop.streams.settings import Settings
 
@@ -180,7 +179,7 @@ class Stack:
                      "kafka_session_timeout_s", "kafka_fetch_max_wait_ms",
                      "kafka_fetch_max_wait_backlog_ms", "worker_batch", "worker_batch_window_s",
                      "sink_batch_rows", "sink_flush_s", "sink_exactly_once", "sink_dedup_keys", "checkpoint_interval_s",
-                     "model_process", "backlog_messages", "backlog_fit_share", "checkpoint_inline_s"):
+                     "model_process", "backlog_messages", "backlog_fit_share"):
             value = getattr(self.settings, name)
             env[f"LABLOOP_{name.upper()}"] = str(value.resolve() if isinstance(value, Path) else value)
         return env

@@ -56,7 +56,6 @@ class Settings(BaseSettings):
     sink_kill_during_insert: int = Field(0, description="fault injection for tests: SIGKILL the sink while its n-th insert runs")
     backlog_messages: int = Field(1000, description="inputs further behind than this count as a backlog")
     backlog_fit_share: float = Field(0.25, gt=0, le=1, description="under a backlog, fits take at most this share of the time (1 = no pacing)")
-    checkpoint_inline_s: float = Field(0.05, description="a campaign whose last snapshot took at most this much CPU is pickled on the event loop")
     model_process: bool = Field(True, description="fit in a child process (false: on a thread of the worker)")
     checkpoint_interval_s: float = Field(10.0, description="how often a worker checkpoints its campaigns (0 = never)")
     worker_id: str = Field("0", description="names this worker's checkpoint; a replacement reuses its predecessor's id")

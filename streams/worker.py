@@ -15,7 +15,7 @@ event loop keeps heart-beating and fits never wait on its interpreter lock. Deli
 handler is idempotent (compounds by id, readings by ``reading_id``, statuses by
 request state).
 
-Every ``checkpoint_interval_s`` the worker pickles each campaign (under its lock,
+Every ``checkpoint_interval_s`` the worker snapshots each campaign (under its lock,
 with no fit in flight and nothing decided but unsent), flushes the producer, and
 writes the checkpoint with the offsets below which every input was handled
 (:mod:`labloop.streams.checkpoint`); a replacement resumes from it.
@@ -24,11 +24,8 @@ writes the checkpoint with the offsets below which every input was handled
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import os
-import pickle
 import ssl
 import time
 from collections import defaultdict
@@ -39,16 +36,16 @@ from typing import Any
 import faust
 import numpy as np
 from faust.exceptions import ConsumerNotStarted
-
 from labloop.models import FeatureSpec, ModelError, parse_many
 from labloop.models.chem import featurize_mols
 from labloop.models.learners import pack_rows
+from labloop.models.state import dumps
 from labloop.schemas import TOPICS, Codec, LabloopError
 from labloop.schemas.types import Record
 from labloop.streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms, unknown_campaign
 from labloop.streams.checkpoint import CheckpointStore
 from labloop.streams.faust_transport import set_fetch_max_wait
-from labloop.streams.modelhost import ModelHost, ModelHostError, RemoteLearner, with_learner_state
+from labloop.streams.modelhost import ModelHost, ModelHostError, RemoteLearner
 from labloop.streams.settings import Settings
 
 __all__ = ["LabloopWorker", "create_app"]
@@ -101,7 +98,6 @@ class LabloopWorker:
         # Per reading-carrying input partition: messages behind its high watermark after the last batch.
         self.lag: dict[tuple[str, int], int] = {}
         self._fetch_wait_ms = settings.kafka_fetch_max_wait_ms  # the consumer starts with it
-        self.snapshot_cpu_s: dict[str, float] = {}  # per campaign: CPU seconds its last snapshot's pickle took
         self.topics = {role: app.topic(t.name, key_type=bytes, value_type=bytes, partitions=t.partitions)
                        for role, t in TOPICS.items()}
 
@@ -124,7 +120,7 @@ class LabloopWorker:
     def _adopt(self, campaign_id: str) -> None:
         rt = self.campaigns.get(campaign_id)
         if self.models is not None and rt is not None and rt.pool is not None \
-                and not (isinstance(rt.pool.learner, RemoteLearner) and rt.pool.learner.attached):
+                and not isinstance(rt.pool.learner, RemoteLearner):
             rt.pool.learner = self.models.adopt(campaign_id, rt.pool.learner)
 
     def _exit_if_models_died(self, exc: BaseException) -> None:
@@ -179,7 +175,7 @@ class LabloopWorker:
         assert rt.pool is not None and rt.definition is not None
         pred = rt.pool.fit(update.y_new, update.keys, update.X_pool)
         writer = self.prediction_writers.setdefault(rt.campaign_id, PredictionWriter(self.codec))
-        return pred, writer.encode(rt.campaign_id, rt.definition["objective_assay_id"], version, rt.compound_ids,
+        return pred, writer.encode(rt.campaign_id, rt.definition.objective_assay_id, version, rt.compound_ids,
                                    pred[0], pred[1], now_ms())
 
     def _send_in_order(self, campaign_id: str, events: list[Emit | Raw]) -> None:
@@ -217,7 +213,11 @@ class LabloopWorker:
                     version = rt.pool.model_version + 1  # only this updater commits versions
                     self.busy[campaign_id] += 1
                     if update is None:
-                        out = rt.requests_now(device)
+                        try:
+                            out = rt.requests_now(device)
+                        except BaseException:  # never leave the campaign busy: checkpoints would wait forever
+                            self.busy[campaign_id] -= 1
+                            raise
                         if out:
                             self.changed.add(campaign_id)
                         break
@@ -291,6 +291,8 @@ class LabloopWorker:
             self.floors[key] = max(self.floors[key], last + 1)
 
     async def _snapshot(self, campaign_id: str) -> bytes:
+        """The campaign's state as checkpoint bytes (:func:`labloop.models.state.dumps`), taken
+        with no fit in flight and nothing decided but unsent."""
         loop = asyncio.get_running_loop()
         self.paused.add(campaign_id)
         t0 = time.perf_counter()
@@ -301,30 +303,25 @@ class LabloopWorker:
                 async with self.locks[campaign_id]:
                     if self.busy[campaign_id]:
                         continue
-                    # Pickled with the lock held: handlers wait for this campaign only.
+                    # Read with the lock held (handlers wait for this campaign only): copies and packed
+                    # strings, so the encoding below can run on a thread while the campaign moves on.
                     self.changed.discard(campaign_id)
                     t1 = time.perf_counter()
                     rt = self.campaigns[campaign_id]
                     learner = rt.pool.learner if rt.pool is not None else None
-                    remote = learner if isinstance(learner, RemoteLearner) and learner.attached else None
-                    # The learner's state is asked for now, before any later fit, and collected after the lock.
-                    state = remote.request_state() if remote is not None else None
-                    inline = self.snapshot_cpu_s.get(campaign_id, math.inf) <= self.settings.checkpoint_inline_s
-                    with remote.deferred() if remote is not None else contextlib.nullcontext():
-                        if inline:  # small: a thread would wait for the interpreter lock longer than the pickle takes
-                            blob, cpu = _pickle_timed(rt)
-                        else:  # large: on a thread, so that the loop keeps serving the other campaigns
-                            blob, cpu = await loop.run_in_executor(self.chem_pool, _pickle_timed, rt)
+                    remote = learner if isinstance(learner, RemoteLearner) else None
+                    # The model process's learner state is asked for now, before any later fit, and collected after.
+                    pending = remote.request_state() if remote is not None else None
+                    state = rt.state_dict(learner=remote is None)
                     t2 = time.perf_counter()
                     break
         finally:
             self.paused.discard(campaign_id)
-        self.snapshot_cpu_s[campaign_id] = cpu
-        if state is not None:
-            blob = with_learner_state(blob, await asyncio.wrap_future(state))
-        log.debug("snapshot of %s: waited %.0f ms for its fit, held its lock %.0f ms (%.0f ms CPU, %s), %.1f MB in "
-                  "%.0f ms", campaign_id, (t1 - t0) * 1000, (t2 - t1) * 1000, cpu * 1000, "inline" if inline else "thread",
-                  len(blob) / 1e6, (time.perf_counter() - t1) * 1000)
+        if pending is not None:
+            state["pool"]["learner"] = await asyncio.wrap_future(pending)
+        blob = await loop.run_in_executor(self.chem_pool, dumps, state)
+        log.debug("snapshot of %s: waited %.0f ms for its fit, held its lock %.0f ms, %.1f MB in %.0f ms", campaign_id,
+                  (t1 - t0) * 1000, (t2 - t1) * 1000, len(blob) / 1e6, (time.perf_counter() - t1) * 1000)
         return blob
 
     async def checkpoint(self) -> None:
@@ -335,7 +332,7 @@ class LabloopWorker:
         self.dirty = False
         t0 = time.perf_counter()
         floors = dict(self.floors)  # taken first: every later snapshot holds at least this much
-        # A campaign unchanged since its last snapshot keeps its file: only active campaigns are pickled.
+        # A campaign unchanged since its last snapshot keeps its file: only active campaigns are stored again.
         cids = list(self.campaigns)
         try:
             blobs = {cid: await self._snapshot(cid) for cid in cids if cid in self.changed or not store.has(cid)}
@@ -352,13 +349,35 @@ class LabloopWorker:
                  (t2 - t1) * 1000, (t3 - t2) * 1000)
 
     # ---- handlers -------------------------------------------------------------------------
+    async def guarded(self, handler: Any, batch: list[Any], role: str) -> None:
+        """Run a handler on a micro-batch so that no exception ends the agent or costs the events beside it.
+
+        Handlers dead-letter the errors they expect. Anything else is a defect, but one message
+        must not take a campaign down with it: the batch is handled again one message at a time
+        (every handler is idempotent), and each message that still fails is dead-lettered with
+        its error, stage ``handler``.
+        """
+        try:
+            await handler(batch)
+            return
+        except Exception:
+            log.exception("%s handler failed on a batch of %d; retrying its messages one by one", role, len(batch))
+        for ev in batch:
+            try:
+                await handler([ev])
+            except Exception as exc:
+                await self.dead_letter(ev, "handler", exc)
     async def on_campaigns(self, events: list[Any]) -> None:
         touched = set()
         async for ev, r in self.decoded(events, ("Campaign",)):
+            cid = r["campaign_id"]
             try:
-                async with self.locks[r["campaign_id"]]:
-                    self.campaign(r["campaign_id"]).define(r)
-                    self._adopt(r["campaign_id"])
+                async with self.locks[cid]:
+                    # An invalid definition changes nothing, and leaves no runtime behind for a junk id.
+                    rt = self.campaigns.get(cid) or CampaignRuntime(cid, device=self.settings.torch_device)
+                    rt.define(r)
+                    self.campaigns[cid] = rt
+                    self._adopt(cid)
                 touched.add(r["campaign_id"])
                 log.info("campaign %s defined", r["campaign_id"])
             except (LabloopError, ModelError) as exc:
@@ -489,13 +508,6 @@ def _spans(events: list[Any]) -> dict[Any, tuple[int, int]]:
     return out
 
 
-def _pickle_timed(obj: Any) -> tuple[bytes, float]:
-    """``pickle.dumps(obj)`` and the CPU seconds it took on this thread."""
-    c0 = time.thread_time()
-    blob = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-    return blob, time.thread_time() - c0
-
-
 def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker") -> tuple[faust.App, LabloopWorker]:
     """Build the Faust app and its agents for a broker at ``bootstrap`` (``host:port[,...]``)."""
     from labloop.streams import faust_transport
@@ -522,7 +534,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
                 batch = list(events)
                 tps = _spans(batch)
                 w.handling(tps)
-                await handler(batch)
+                await w.guarded(handler, batch, role)
                 w.handled(tps)
                 if role in ("readings", "plates"):
                     w.observe_lag(tps)

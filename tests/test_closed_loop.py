@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-
 from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab
 from labloop.consumers.kafka import make_consumer, make_producer
 from labloop.consumers.publisher import compound_rows, publish_records
@@ -205,8 +203,8 @@ def test_readings_of_an_unknown_campaign_leave_no_state(loop: dict[str, Any], ch
     deadline = time.monotonic() + 3 * stack.settings.checkpoint_interval_s
     index: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        paths = list((stack.settings.data_dir / "checkpoints").glob("*/index.pkl"))
-        index = pickle.loads(paths[0].read_bytes()) if paths else {}
+        paths = list((stack.settings.data_dir / "checkpoints").glob("*/index.json"))
+        index = json.loads(paths[0].read_bytes()) if paths else {}
         if index and index["written_at"] * 1000 > after_ms:
             break
         time.sleep(0.5)

@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-
 from labloop.models import OnlineLearner, make_learner, make_policy
 from labloop.models.acquisition import POLICIES
 from labloop.models.errors import NotFitted, UnknownName
 from labloop.models.learners import LEARNERS
+from labloop.models.state import dumps, loads
 
 # Small but real settings so the suite stays fast on 2 CPU cores.
 FAST: dict[str, dict[str, int]] = {"gp": {}, "ensemble": {"n_members": 2, "hidden": 32, "epochs": 15},
@@ -87,11 +87,12 @@ def test_seeded_determinism(make: Callable[[], OnlineLearner]) -> None:
 
 
 def test_state_round_trip(make: Callable[[], OnlineLearner]) -> None:
+    """State goes through the checkpoint format (arrays and JSON, never pickle) and comes back whole."""
     X, y = _data()
     a = make()
     a.update(X[:40], y[:40])
     b = make()
-    b.from_bytes(a.to_bytes())
+    b.load_state_dict(loads(dumps(a.state_dict())))
     assert b.n_seen == a.n_seen
     for u, v in zip(a.predict(X[40:]), b.predict(X[40:]), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
@@ -172,7 +173,7 @@ def test_gp_treats_repeated_compounds_as_replicates() -> None:
     gp.update(X[:5], y[:5])  # without keys, rows are new compounds
     assert gp._X.shape[0] == 25
     clone = learner("gp")
-    clone.from_bytes(gp.to_bytes())
+    clone.load_state_dict(loads(dumps(gp.state_dict())))
     clone.update(X[:1], y[:1] + 4.0, keys=np.array([0]))  # keys survive a round trip
     assert clone._X.shape[0] == 25
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from labloop.models import PoolState, TopK, round_targets, topk_measures
 from labloop.models.loop import AVAILABLE, FAILED, MEASURED, PENDING
 
@@ -61,13 +60,11 @@ def test_release_returns_only_pending() -> None:
 
 
 @pytest.mark.parametrize("exact_max", [700, 30], ids=["exact", "nystrom"])
-def test_a_pickled_pool_keeps_its_fit_and_goes_on_learning(exact_max: int) -> None:
-    """Checkpoints pickle the pool: the restored copy predicts the same without a refit and then
-    learns only what is new, exactly as the original does (the landmarks' factorization is
-    rebuilt on load, not stored)."""
-    import pickle
-
+def test_a_stored_pool_predicts_the_same_and_goes_on_learning(exact_max: int) -> None:
+    """Checkpoints store the pool as data: the restored copy, refitted from its stored training
+    set, predicts as the original and then learns only what is new, exactly as the original does."""
     from labloop.models.learners import make_learner
+    from labloop.models.state import dumps, loads
 
     rng = np.random.default_rng(0)
     X = (rng.random((400, 64)) < 0.1).astype(np.float32) * rng.integers(1, 4, (400, 64))
@@ -76,14 +73,17 @@ def test_a_pickled_pool_keeps_its_fit_and_goes_on_learning(exact_max: int) -> No
     p.learner = make_learner("gp", device="cpu", exact_max=exact_max, landmarks=16, background_redraw=False)
     p.observe(np.arange(60), y[:60])
     p.retrain()
-    q = pickle.loads(pickle.dumps(p))
+    q = PoolState.from_state(loads(dumps(p.state_dict())), device="cpu")
     assert q.learner.n_seen == 60 and q.model_version == p.model_version
-    np.testing.assert_allclose(q.predict_pool()[0], p.predict_pool()[0])
-    q._pred = None  # recomputed from the restored fit, not a copy of the cached scores
+    np.testing.assert_array_equal(q.X, p.X)
+    np.testing.assert_array_equal(q.status, p.status)
+    np.testing.assert_allclose(q.predict_pool()[0], p.predict_pool()[0], rtol=0, atol=1e-9)
     np.testing.assert_allclose(q.predict_pool()[1], p.predict_pool()[1], rtol=1e-9)
     q.observe(np.arange(60, 80), y[60:80])
     assert q.retrain() and q.learner.n_seen == 80
     p.observe(np.arange(60, 80), y[60:80])
     p.retrain()
     np.testing.assert_allclose(q.predict_pool()[0], p.predict_pool()[0], rtol=0, atol=1e-9)
+    # The policies' random streams resumed where they were: both choose the same next batch.
+    assert q.propose(5).index.tolist() == p.propose(5).index.tolist()
     assert not set(q.propose(5).index.tolist()) & set(range(80))  # measured compounds stay measured
