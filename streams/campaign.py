@@ -329,6 +329,13 @@ class CampaignRuntime:
         self.n_requested += 1
         return True
 
+    def continue_after(self, model_version: int, done: bool) -> None:
+        """A ModelUpdate this campaign published before a restart: the next version is after it, and
+        a final report already sent is not sent again."""
+        if self.pool is not None:
+            self.pool.model_version = max(self.pool.model_version, model_version)
+            self.done_announced = self.done_announced or done
+
     def on_status(self, r: Record) -> None:
         """Apply a robot's status report (FAILED retires the compound, EXPIRED re-queues it)."""
         req = self.requests.get(r["request_id"])

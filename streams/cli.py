@@ -101,8 +101,9 @@ def worker() -> None:
     if s.model_process:
         w.start_models(fit_threads)
     # A replacement worker first restores what its predecessor had applied (see streams/recovery.py).
-    rebuild(w.campaigns, s.torch_device, _kafka(s), group, w.codec, w.spec, w.checkpoints)
-    w.changed.update(w.campaigns)  # the replay changed them since their snapshots: the next checkpoint re-writes them
+    rebuild(w.engine, _kafka(s), group, w.codec, w.spec, w.checkpoints)
+    for cid in w.engine:  # the replay changed them since their snapshots: the next checkpoint re-writes them
+        w.progress.touch(cid)
     w.adopt_all()
     # Objects alive now (modules, the restored campaigns) live as long as the worker: the collector
     # stops scanning them, so a full collection takes milliseconds, not ~100 ms (measured here).

@@ -24,8 +24,8 @@ from confluent_kafka import Consumer, TopicPartition
 from labloop.models import FeatureSpec, ModelError, parse_many
 from labloop.models.chem import featurize_mols
 from labloop.schemas import TOPICS, Codec, LabloopError
-from labloop.streams.campaign import CampaignRuntime
-from labloop.streams.checkpoint import CheckpointError, CheckpointStore
+from labloop.streams.checkpoint import CheckpointStore
+from labloop.streams.engine import CampaignEngine
 
 __all__ = ["RecoveryError", "rebuild"]
 
@@ -72,22 +72,22 @@ def _read(c: Consumer, tps: list[TopicPartition], stops: dict[tuple[str, int], i
     return out
 
 
-def rebuild(campaigns: dict[str, CampaignRuntime], device: str | None, kafka_config: dict[str, str], group_id: str,
-            codec: Codec, spec: FeatureSpec, store: CheckpointStore | None = None) -> dict[str, int]:
-    """Fill ``campaigns`` from the checkpoint in ``store`` (if any) and the topics; new runtimes
-    get torch ``device``. Returns counts of what was restored and applied."""
+def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str, codec: Codec, spec: FeatureSpec,
+            store: CheckpointStore | None = None) -> dict[str, int]:
+    """Fill ``engine`` from the checkpoint in ``store`` (if any) and the topics, through the same
+    engine methods the worker calls, dropping what they would emit. Returns counts of what was
+    restored and applied."""
     t0 = time.perf_counter()
     stats: dict[str, int] = defaultdict(int)
     floors: dict[tuple[str, int], int] = {}
     try:
         ckpt = store.load() if store is not None else None
-        restored = {cid: CampaignRuntime.from_state(state, device) for cid, state in ckpt.campaigns.items()} \
-            if ckpt is not None else {}
-    except (CheckpointError, LabloopError, ModelError, ValueError, KeyError, TypeError) as exc:
+        if ckpt is not None:
+            engine.restore(ckpt.campaigns)
+    except (LabloopError, ModelError, ValueError, KeyError, TypeError) as exc:
         log.error("%s; replaying from the start instead", exc)
-        ckpt, restored = None, {}
+        ckpt = None
     if ckpt is not None:
-        campaigns.update(restored)
         floors = ckpt.floors
         stats["checkpointed_campaigns"] = len(ckpt.campaigns)
         log.warning("loaded checkpoint of %d campaign(s), %.1fs old", len(ckpt.campaigns), time.time() - ckpt.written_at)
@@ -116,52 +116,41 @@ def rebuild(campaigns: dict[str, CampaignRuntime], device: str | None, kafka_con
         except LabloopError:
             continue  # dead-lettered when it was first processed
     for _, r in by_role["campaigns"]:
-        cid = r["campaign_id"]
-        rt = campaigns.get(cid) or CampaignRuntime(cid, device=device)
         try:
-            rt.define(r)
+            engine.define(r)
+            stats["campaigns"] += 1
         except LabloopError:  # dead-lettered when it first arrived; the previous definition stands
             stats["invalid_definitions"] += 1
-            continue
-        campaigns[cid] = rt
-        stats["campaigns"] += 1
     pools: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for _, r in by_role["compounds"]:
         pools[r["campaign_id"]].append(r)
     for cid, recs in pools.items():
-        known = campaigns[cid].index if cid in campaigns else {}
+        rt = engine.get(cid)
+        known = rt.index if rt is not None else {}
         recs = [r for r in recs if r["compound_id"] not in known]  # featurize only what the checkpoint lacks
         if not recs:
             continue
         mols, ok, _ = parse_many([r["smiles"] for r in recs])
-        rt = campaigns.get(cid)
-        if rt is None:  # compounds of a campaign never (validly) defined: as the worker does, staged for it
-            rt = campaigns[cid] = CampaignRuntime(cid, device=device)
-        stats["compounds"] += rt.add_compounds([recs[i] for i in ok], featurize_mols(mols, spec))
+        stats["compounds"] += engine.register(cid, [recs[i] for i in ok], featurize_mols(mols, spec))
     for _, r in by_role["requests"]:
-        rt = campaigns.get(r["campaign_id"])
-        if rt is not None and rt.restore_request(r):
+        if engine.replay_request(r):
             stats["requests"] += 1
     for role in ("readings", "plates"):
         for m, r in by_role[role]:
-            rt = campaigns.get(r["campaign_id"])
-            if rt is None:
+            if not engine.defined(r["campaign_id"]):
                 continue
             wells = r["wells"] if role == "plates" else [r]
-            rt.apply_readings(r["assay_id"], r["unit"], wells)
-            rt.processed(m.topic(), m.partition(), m.offset())
+            engine.readings(r["campaign_id"], r["assay_id"], r["unit"], wells, [(m.topic(), m.partition(), m.offset())])
             stats["readings"] += len(wells)
     for _, r in by_role["status"]:
-        rt = campaigns.get(r["campaign_id"])
-        if rt is not None and r["request_id"] in rt.requests:
-            rt.on_status(r)
+        try:
+            engine.status(r)
             stats["statuses"] += 1
+        except LabloopError:  # dead-lettered when it first arrived
+            continue
     for _, r in by_role["model_updates"]:
-        rt = campaigns.get(r["campaign_id"])
-        if rt is not None and rt.pool is not None:
-            rt.pool.model_version = max(rt.pool.model_version, int(r["model_version"]))
-            rt.done_announced = rt.done_announced or bool(r["done"])
+        engine.replay_model_update(r)
     stats["rebuild_ms"] = int((time.perf_counter() - t0) * 1000)
-    log.warning("rebuilt %d campaign(s) from %s: %s", len(campaigns),
+    log.warning("rebuilt %d campaign(s) from %s: %s", len(engine),
                 "a checkpoint and Kafka" if ckpt is not None else "Kafka", dict(stats))
     return dict(stats)

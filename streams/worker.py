@@ -42,10 +42,12 @@ from labloop.models.learners import pack_rows
 from labloop.models.state import dumps
 from labloop.schemas import TOPICS, Codec, LabloopError
 from labloop.schemas.types import Record
-from labloop.streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms, unknown_campaign
+from labloop.streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms
 from labloop.streams.checkpoint import CheckpointStore
+from labloop.streams.engine import CampaignEngine
 from labloop.streams.faust_transport import set_fetch_max_wait
 from labloop.streams.modelhost import ModelHost, ModelHostError, RemoteLearner
+from labloop.streams.progress import Progress
 from labloop.streams.settings import Settings
 
 __all__ = ["LabloopWorker", "create_app"]
@@ -77,7 +79,7 @@ class LabloopWorker:
         self.settings = settings
         self.codec = Codec(registry_url=settings.schema_registry_url, registry_config=settings.registry_config())
         self.spec = FeatureSpec()
-        self.campaigns: dict[str, CampaignRuntime] = {}
+        self.engine = CampaignEngine(device=settings.torch_device)  # the one writer of campaign state
         self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         # One thread each: torch already uses every core for a fit, and RDKit's batch API its own threads.
         self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-model")
@@ -86,25 +88,21 @@ class LabloopWorker:
         self.updaters: dict[str, asyncio.Task[None]] = {}
         self.prediction_writers: dict[str, PredictionWriter] = {}
         self.sending: dict[str, asyncio.Future[None]] = {}  # per campaign: the last batch of events handed to send
-        # Checkpoints: per input topic-partition, every message below the floor was handled; a campaign
-        # is "busy" from deciding something (a fit, requests, expiries) until it is sent, and a paused
-        # campaign starts nothing new, so its snapshot never holds a half-applied fit or an unsent request.
+        # Checkpoints: a campaign is "busy" from deciding something (a fit, requests, expiries) until
+        # it is sent, and a paused campaign starts nothing new, so its snapshot never holds a
+        # half-applied fit or an unsent request. Offsets, floors and timing: self.progress.
         self.checkpoints: CheckpointStore | None = None
-        self.floors: dict[tuple[str, int], int] = {}
+        self.progress = Progress(settings.checkpoint_interval_s, settings.backlog_messages)
         self.busy: dict[str, int] = defaultdict(int)
         self.paused: set[str] = set()
-        self.dirty = False  # anything handled since the last checkpoint
-        self.changed: set[str] = set()  # campaigns whose state changed since their last snapshot
-        # Per reading-carrying input partition: messages behind its high watermark after the last batch.
-        self.lag: dict[tuple[str, int], int] = {}
         self._fetch_wait_ms = settings.kafka_fetch_max_wait_ms  # the consumer starts with it
         self.topics = {role: app.topic(t.name, key_type=bytes, value_type=bytes, partitions=t.partitions)
                        for role, t in TOPICS.items()}
 
-    def campaign(self, campaign_id: str) -> CampaignRuntime:
-        if campaign_id not in self.campaigns:
-            self.campaigns[campaign_id] = CampaignRuntime(campaign_id, device=self.settings.torch_device)
-        return self.campaigns[campaign_id]
+    @property
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Per reading-carrying input partition: messages behind its high watermark (see :class:`Progress`)."""
+        return self.progress.lag
 
     # ---- the model process ----------------------------------------------------------------
     def start_models(self, threads: int) -> None:
@@ -114,14 +112,14 @@ class LabloopWorker:
     def adopt_all(self) -> None:
         """Move every defined campaign's learner into the model process (after a restore, the
         checkpointed learners move in); call before consuming."""
-        for cid in self.campaigns:
+        for cid in self.engine:
             self._adopt(cid)
 
     def _adopt(self, campaign_id: str) -> None:
-        rt = self.campaigns.get(campaign_id)
-        if self.models is not None and rt is not None and rt.pool is not None \
-                and not isinstance(rt.pool.learner, RemoteLearner):
-            rt.pool.learner = self.models.adopt(campaign_id, rt.pool.learner)
+        models = self.models
+        if models is not None:
+            self.engine.place_learner(campaign_id, lambda learner: learner if isinstance(learner, RemoteLearner)
+                                      else models.adopt(campaign_id, learner))
 
     def _exit_if_models_died(self, exc: BaseException) -> None:
         """Without its model process a worker can neither fit nor checkpoint: exit (code 70) so that
@@ -164,7 +162,7 @@ class LabloopWorker:
         One updater per campaign at a time; data that arrives while it fits is taken by its
         next pass, so a backlog costs one update per fit, not one per micro-batch.
         """
-        self.changed.add(campaign_id)
+        self.progress.touch(campaign_id)
         task = self.updaters.get(campaign_id)
         if task is None or task.done():
             self.updaters[campaign_id] = asyncio.ensure_future(self._updater(campaign_id))
@@ -196,7 +194,7 @@ class LabloopWorker:
         self.sending[campaign_id] = asyncio.ensure_future(run())
 
     async def _updater(self, campaign_id: str) -> None:
-        rt = self.campaign(campaign_id)
+        engine = self.engine
         lock = self.locks[campaign_id]
         loop = asyncio.get_running_loop()
         try:
@@ -206,28 +204,29 @@ class LabloopWorker:
                 async with lock:
                     if campaign_id in self.paused:
                         continue
-                    if rt.pool is None or rt.definition is None:
+                    rt = engine.get(campaign_id)
+                    if rt is None or rt.pool is None or rt.definition is None:
                         return
                     device = str(getattr(rt.pool.learner, "device", "cpu"))
-                    update = rt.take_update()
+                    update = engine.take_update(campaign_id)
                     version = rt.pool.model_version + 1  # only this updater commits versions
                     self.busy[campaign_id] += 1
                     if update is None:
                         try:
-                            out = rt.requests_now(device)
+                            out = engine.decide(campaign_id, device)
                         except BaseException:  # never leave the campaign busy: checkpoints would wait forever
                             self.busy[campaign_id] -= 1
                             raise
                         if out:
-                            self.changed.add(campaign_id)
+                            self.progress.touch(campaign_id)
                         break
                 try:
                     t0 = time.perf_counter()
                     pred, raws = await loop.run_in_executor(self.model_pool, self._fit_and_encode, rt, update, version)
                     async with lock:
-                        events = rt.commit_update(update, pred, time.perf_counter() - t0, device)
+                        events = engine.commit_update(campaign_id, update, pred, time.perf_counter() - t0, device)
                         assert rt.pool.model_version == version
-                        self.changed.add(campaign_id)
+                        self.progress.touch(campaign_id)
                 except BaseException:
                     self.busy[campaign_id] -= 1
                     raise
@@ -245,7 +244,7 @@ class LabloopWorker:
 
     def behind(self) -> bool:
         """Whether a readings input is more than ``backlog_messages`` behind its high watermark."""
-        return max(self.lag.values(), default=0) > self.settings.backlog_messages
+        return self.progress.behind()
 
     def _pace(self, fit_s: float) -> float:
         """Seconds to wait before the next fit (while :meth:`behind`), so that fits take at most
@@ -264,7 +263,7 @@ class LabloopWorker:
                 log.debug("no high watermark for %s: %r", tp, exc)
                 continue
             if hw is not None and hw >= 0:  # None until a fetch for it was answered
-                self.lag[(tp.topic, tp.partition)] = hw - last - 1
+                self.progress.observed(tp.topic, tp.partition, hw - last - 1)
         wait = self.fetch_wait_ms()
         if wait != self._fetch_wait_ms and set_fetch_max_wait(self.app, wait):
             log.debug("fetch long-poll now %d ms", wait)
@@ -278,18 +277,6 @@ class LabloopWorker:
         return s.kafka_fetch_max_wait_backlog_ms if self.behind() else s.kafka_fetch_max_wait_ms
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def handling(self, spans: dict[Any, tuple[int, int]]) -> None:
-        """A batch starts: on each of its partitions, everything below its first offset was handled."""
-        for tp, (first, _) in spans.items():
-            self.floors[(tp.topic, tp.partition)] = first
-        self.dirty = True
-
-    def handled(self, spans: dict[Any, tuple[int, int]]) -> None:
-        """A batch is done: its partitions are handled up to its last offset."""
-        for tp, (_, last) in spans.items():
-            key = (tp.topic, tp.partition)
-            self.floors[key] = max(self.floors[key], last + 1)
-
     async def _snapshot(self, campaign_id: str) -> bytes:
         """The campaign's state as checkpoint bytes (:func:`labloop.models.state.dumps`), taken
         with no fit in flight and nothing decided but unsent."""
@@ -305,14 +292,15 @@ class LabloopWorker:
                         continue
                     # Read with the lock held (handlers wait for this campaign only): copies and packed
                     # strings, so the encoding below can run on a thread while the campaign moves on.
-                    self.changed.discard(campaign_id)
+                    self.progress.snapshotted(campaign_id)
                     t1 = time.perf_counter()
-                    rt = self.campaigns[campaign_id]
+                    rt = self.engine.get(campaign_id)
+                    assert rt is not None
                     learner = rt.pool.learner if rt.pool is not None else None
                     remote = learner if isinstance(learner, RemoteLearner) else None
                     # The model process's learner state is asked for now, before any later fit, and collected after.
                     pending = remote.request_state() if remote is not None else None
-                    state = rt.state_dict(learner=remote is None)
+                    state = self.engine.state_dict(campaign_id, learner=remote is None)
                     t2 = time.perf_counter()
                     break
         finally:
@@ -326,16 +314,15 @@ class LabloopWorker:
 
     async def checkpoint(self) -> None:
         """Snapshot every campaign, make sure what they decided is in Kafka, then write the file."""
-        store = self.checkpoints
-        if store is None or not (self.dirty or self.changed) or not self.campaigns:
+        store, progress = self.checkpoints, self.progress
+        if store is None or not progress.due() or not len(self.engine):
             return
-        self.dirty = False
         t0 = time.perf_counter()
-        floors = dict(self.floors)  # taken first: every later snapshot holds at least this much
+        floors = progress.begin()  # taken first: every later snapshot holds at least this much
         # A campaign unchanged since its last snapshot keeps its file: only active campaigns are stored again.
-        cids = list(self.campaigns)
+        cids = list(self.engine)
         try:
-            blobs = {cid: await self._snapshot(cid) for cid in cids if cid in self.changed or not store.has(cid)}
+            blobs = {cid: await self._snapshot(cid) for cid in cids if cid in progress.changed or not store.has(cid)}
         except ModelHostError as exc:
             self._exit_if_models_died(exc)
             raise
@@ -343,6 +330,7 @@ class LabloopWorker:
         await self.app.producer.flush()
         t2 = time.perf_counter()
         await asyncio.get_running_loop().run_in_executor(self.chem_pool, store.write, floors, blobs, cids)
+        progress.written()
         t3 = time.perf_counter()
         log.info("checkpoint %d: %d of %d campaign(s), %.1f MB in %.0f ms (snapshots %.0f, flush %.0f, write %.0f)",
                  store.written, len(blobs), len(cids), store.last_bytes / 1e6, (t3 - t0) * 1000, (t1 - t0) * 1000,
@@ -367,19 +355,17 @@ class LabloopWorker:
                 await handler([ev])
             except Exception as exc:
                 await self.dead_letter(ev, "handler", exc)
+
     async def on_campaigns(self, events: list[Any]) -> None:
         touched = set()
         async for ev, r in self.decoded(events, ("Campaign",)):
             cid = r["campaign_id"]
             try:
                 async with self.locks[cid]:
-                    # An invalid definition changes nothing, and leaves no runtime behind for a junk id.
-                    rt = self.campaigns.get(cid) or CampaignRuntime(cid, device=self.settings.torch_device)
-                    rt.define(r)
-                    self.campaigns[cid] = rt
+                    self.engine.define(r)
                     self._adopt(cid)
-                touched.add(r["campaign_id"])
-                log.info("campaign %s defined", r["campaign_id"])
+                touched.add(cid)
+                log.info("campaign %s defined", cid)
             except (LabloopError, ModelError) as exc:
                 await self.dead_letter(ev, "validate", exc)
         for cid in touched:
@@ -399,7 +385,7 @@ class LabloopWorker:
             X = await loop.run_in_executor(self.chem_pool, featurize_mols, mols, self.spec)
             packed = await loop.run_in_executor(self.chem_pool, pack_rows, X)  # for checkpoints, off the loop
             async with self.locks[cid]:
-                self.campaign(cid).add_compounds([items[i][1] for i in ok], X, packed)
+                self.engine.register(cid, [items[i][1] for i in ok], X, packed)
             self.tick(cid)
 
     async def on_readings(self, events: list[Any]) -> None:
@@ -413,54 +399,43 @@ class LabloopWorker:
                 await self.dead_letter(ev, "decode", exc)
                 continue
             by_campaign[r["campaign_id"]].append((ev, r))
+        engine = self.engine
         for cid, items in by_campaign.items():
-            if cid not in self.campaigns:  # a dead letter each, and no state kept for an id that may be junk
-                await self._unknown_campaign(cid, [(ev, [r]) for ev, r in items])
-                continue
             rejected: list[tuple[Any, LabloopError]] = []
             async with self.locks[cid]:
-                rt = self.campaign(cid)
-                if rt.definition is None:  # one dead letter per message, as each names its campaign
-                    rejected = [(ev, e) for ev, r in items for e in rt.apply_readings(r["assay_id"], r["unit"], [r])]
+                if not engine.defined(cid):  # one dead letter per message, as each names its campaign
+                    rejected = [(ev, e) for ev, r in items for e in engine.readings(cid, r["assay_id"], r["unit"], [r])]
                 else:
                     groups: dict[tuple[str, str], list[tuple[Any, Record]]] = defaultdict(list)
                     for ev, r in items:
                         groups[(r["assay_id"], r["unit"])].append((ev, r))
+                    last: dict[tuple[str, int], int] = {}
+                    for ev, _ in items:
+                        m = ev.message
+                        last[(m.topic, m.partition)] = max(last.get((m.topic, m.partition), -1), m.offset)
+                    sources = [(t, p, o) for (t, p), o in last.items()]
                     for (assay, unit), group in groups.items():
-                        for err in rt.apply_readings(assay, unit, [r for _, r in group]):
+                        for err in engine.readings(cid, assay, unit, [r for _, r in group], sources):
                             rejected.append((group[err.index][0] if err.index is not None else group[0][0], err))
-                last: dict[tuple[str, int], int] = {}
-                for ev, _ in items:
-                    m = ev.message
-                    last[(m.topic, m.partition)] = max(last.get((m.topic, m.partition), -1), m.offset)
-                for (topic, part), off in last.items():
-                    rt.processed(topic, part, off)
+                        sources = []
             for ev, problem in rejected:
                 await self.dead_letter(ev, "validate", problem)
-            self.tick(cid)
-
-    async def _unknown_campaign(self, campaign_id: str, messages: list[tuple[Any, list[Record]]]) -> None:
-        """Readings of a campaign this worker does not know (``(event, readings)`` per message):
-        dead-lettered with the error a known but undefined campaign gives, and no runtime made,
-        so junk campaign ids leave nothing behind (a recovery replay skips them too)."""
-        for ev, readings in messages:
-            await self.dead_letter(ev, "validate", unknown_campaign(campaign_id, readings))
+            if cid in engine:
+                self.tick(cid)
 
     async def on_plates(self, events: list[Any]) -> None:
         """One plate at a time: plate-level checks once, then the wells in a tight loop."""
         touched: set[str] = set()
         async for ev, plate in self.decoded(events, ("PlateReadout",)):
             cid = plate["campaign_id"]
-            if cid not in self.campaigns:
-                await self._unknown_campaign(cid, [(ev, plate["wells"])])
-                continue
+            m = ev.message
             async with self.locks[cid]:
-                rt = self.campaign(cid)
-                errors = rt.apply_readings(plate["assay_id"], plate["unit"], plate["wells"])
-                rt.processed(ev.message.topic, ev.message.partition, ev.message.offset)
+                errors = self.engine.readings(cid, plate["assay_id"], plate["unit"], plate["wells"],
+                                              [(m.topic, m.partition, m.offset)] if self.engine.defined(cid) else [])
             for exc in errors:
                 await self.dead_letter(ev, "validate", exc)
-            touched.add(cid)
+            if cid in self.engine:
+                touched.add(cid)
         for cid in touched:
             self.tick(cid)
 
@@ -469,9 +444,7 @@ class LabloopWorker:
         async for ev, r in self.decoded(events, ("RequestStatus",)):
             try:
                 async with self.locks[r["campaign_id"]]:
-                    if r["campaign_id"] not in self.campaigns:
-                        raise LabloopError(f"status for unknown campaign {r['campaign_id']!r}")
-                    self.campaigns[r["campaign_id"]].on_status(r)
+                    self.engine.status(r)
                 touched.add(r["campaign_id"])
             except LabloopError as exc:
                 await self.dead_letter(ev, "validate", exc)
@@ -480,14 +453,14 @@ class LabloopWorker:
 
     async def on_timer(self) -> None:
         now = now_ms()
-        for cid, rt in list(self.campaigns.items()):
+        for cid in self.engine:
             async with self.locks[cid]:
                 if cid in self.paused:
                     continue  # being checkpointed: expire on the next tick
-                expired = rt.expire(now)
+                expired = self.engine.expire(cid, now)
                 if expired:
                     self.busy[cid] += 1
-                    self.changed.add(cid)
+                    self.progress.touch(cid)
             if expired:
                 try:
                     await self.emit(cid, expired)
@@ -533,9 +506,10 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
                 t0 = time.perf_counter()
                 batch = list(events)
                 tps = _spans(batch)
-                w.handling(tps)
+                spans = [(tp.topic, tp.partition, first, last) for tp, (first, last) in tps.items()]
+                w.progress.handling(spans)
                 await w.guarded(handler, batch, role)
-                w.handled(tps)
+                w.progress.handled(spans)
                 if role in ("readings", "plates"):
                     w.observe_lag(tps)
                 log.debug("%s: %d events in %.3fs", role, len(events), time.perf_counter() - t0)

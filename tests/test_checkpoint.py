@@ -16,6 +16,7 @@ from labloop.models.state import dumps, loads
 from labloop.streams.campaign import CampaignRuntime
 from labloop.streams.checkpoint import CheckpointError, CheckpointStore
 from labloop.streams.definition import CampaignSpec
+from labloop.streams.engine import CampaignEngine
 
 LEGACY = Path(__file__).parent / "data" / "checkpoint_pickle_v1"  # written by labloop 0.1's worker code
 
@@ -115,12 +116,11 @@ def test_the_old_format_makes_the_worker_replay_from_the_log(tmp_path: Path, bro
     ensure_topics(conf)
     path = tmp_path / "legacy"
     shutil.copytree(LEGACY, path)
-    campaigns: dict[str, CampaignRuntime] = {}
+    engine = CampaignEngine(device="cpu")
     with caplog.at_level("ERROR", logger="labloop.recovery"):
-        rebuild(campaigns, "cpu", conf, "legacy-group", codec, FeatureSpec(),
-                CheckpointStore(path, "cluster-legacy", "legacy-group"))
+        rebuild(engine, conf, "legacy-group", codec, FeatureSpec(), CheckpointStore(path, "cluster-legacy", "legacy-group"))
     assert "format 1" in caplog.text and "replaying from the start instead" in caplog.text
-    assert campaigns == {}  # nothing came from the pickles; the (empty) log was the source
+    assert len(engine) == 0  # nothing came from the pickles; the (empty) log was the source
 
 
 def _defined(cid: str) -> CampaignRuntime:

@@ -19,7 +19,8 @@ W = {"reading_id": "r", "compound_id": "c", "well": "A01", "value": -7.5, "quali
 EXAMPLES = {
     "Campaign": {"campaign_id": "c1", "objective_assay_id": "a", "direction": "MINIMIZE", "unit": "nM", "batch_size": 8,
                  "init_size": 8, "budget": 64, "min_pool_size": 0, "policy": "ucb", "learner": "gp",
-                 "schedule": "ROUNDS", "request_ttl_s": 60.0, "seed": 1, "event_time": 1_700_000_000_000},
+                 "schedule": "ROUNDS", "request_ttl_s": 60.0, "seed": 1,
+                 "ranges": [{"assay_id": "a", "low": 0.0, "high": 1e4}], "event_time": 1_700_000_000_000},
     "CompoundRegistered": {"campaign_id": "c1", "compound_id": "X1", "smiles": "CCO", "source": "lims",
                            "event_time": 1, "ingest_time": 2},
     "AssayReading": {"reading_id": "r1", "campaign_id": "c1", "compound_id": "X1", "assay_id": "a", "value": 1.25,
