@@ -176,6 +176,9 @@ def campaign(
     continuous: Annotated[bool, typer.Option(help="refill as results arrive instead of in rounds")] = False,
     ttl_s: Annotated[float, typer.Option(help="request expiry, seconds")] = CampaignSpec.request_ttl_s,
     seed: int = 0,
+    ranges: Annotated[list[str] | None, typer.Option(
+        "--range", help="ASSAY:LOW:HIGH, the plausible values of an assay's readings (repeatable); "
+                        "others are dead-lettered")] = None,
 ) -> None:
     """Define (or redefine) a campaign."""
     from labloop.consumers.kafka import make_producer
@@ -183,9 +186,19 @@ def campaign(
     from labloop.streams.campaign import now_ms
     from labloop.streams.definition import CampaignSpec
 
+    from labloop.streams.definition import AssayRange
+
+    parsed = []
+    for text in ranges or []:
+        try:
+            name, low, high = text.rsplit(":", 2)
+            parsed.append(AssayRange(name, float(low), float(high)))
+        except ValueError:
+            raise typer.BadParameter(f"--range {text!r}: expected ASSAY:LOW:HIGH, e.g. ic50:0:1000") from None
     spec = CampaignSpec(campaign_id, assay, unit, direction=direction.value.upper(), batch_size=batch_size,  # type: ignore[arg-type]
                         init_size=init_size, budget=budget, min_pool_size=min_pool_size, policy=policy, learner=learner,
-                        schedule="CONTINUOUS" if continuous else "ROUNDS", request_ttl_s=ttl_s, seed=seed)
+                        schedule="CONTINUOUS" if continuous else "ROUNDS", request_ttl_s=ttl_s, seed=seed,
+                        ranges=tuple(parsed))
     s = _settings()
     publish_records(make_producer(_kafka(s)), _codec(s), "campaigns", "Campaign", iter([spec.to_record(now_ms())]))
     console.print(f"campaign {campaign_id} published")
@@ -530,10 +543,21 @@ def bench_faults(
 
 
 def main() -> None:
+    """The console script: every named error (a user's or a component's) is one line on stderr
+    and exit code 2, never a traceback; a bad setting names its variable."""
+    from pydantic import ValidationError
+
+    from labloop.models import ModelError
+
     try:
         app()
-    except LabloopError as exc:
-        err.print(f"[red]error:[/] {exc}")
+    except (LabloopError, ModelError) as exc:
+        err.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ValidationError as exc:  # from Settings: a LABLOOP_* variable or .env entry
+        for e in exc.errors():
+            name = "LABLOOP_" + "_".join(str(p) for p in e["loc"]).upper()
+            err.print(f"[red]error:[/] setting {name}: {e['msg']}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -95,3 +95,37 @@ def test_a_busy_http_port_is_a_clear_error(tmp_path: Path) -> None:
             raise AssertionError("the stack started on a busy port")
         except RuntimeFailure as exc:
             assert f"127.0.0.1:{port} is already in use" in str(exc)
+
+
+def _labloop(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "labloop.streams.cli", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "250", **env})
+
+
+def test_a_user_mistake_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    bad = _labloop("campaign", "c1", "--assay", "a", "--unit", "u", "--ttl-s", "nan")
+    assert bad.returncode == 2
+    assert "request_ttl_s = nan: must be a finite number of seconds" in bad.stderr
+    assert "Traceback" not in bad.stderr + bad.stdout and len(bad.stderr.strip().splitlines()) == 1
+    setting = _labloop("topics", LABLOOP_DEVICE="tpu", LABLOOP_DATA_DIR=str(tmp_path))
+    assert setting.returncode == 2 and "setting LABLOOP_DEVICE" in setting.stderr
+    assert "Traceback" not in setting.stderr
+
+
+def test_the_wheel_installs_one_namespace_only(tmp_path: Path) -> None:
+    """`pip install .` puts only `labloop` (and its metadata) into site-packages: no top-level
+    `models`, `schemas`, `streams` or `consumers` to collide with other projects."""
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                          str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = tmp_path.glob("labloop-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert tops == {"labloop", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"labloop/streams/cli.py", "labloop/models/learners.py", "labloop/schemas/avro/Campaign.avsc",
+            "labloop/schemas/avro/history/Campaign.v2.avsc", "labloop/consumers/robot.py"} <= names
+    assert "labloop = labloop.streams.cli:main" in zipfile.ZipFile(wheel).read(
+        next(n for n in names if n.endswith("entry_points.txt"))).decode()

@@ -1,0 +1,11 @@
+"""Downstream (and upstream) clients: ClickHouse sink, robots, virtual lab, LIMS publisher."""
+
+from labloop.consumers.clickhouse import ClickHouseSink, HttpBridge, connect, create_tables
+from labloop.consumers.errors import BadRow, ConsumerError, SinkError
+from labloop.consumers.robot import Measurement, RobotClient
+from labloop.consumers.virtual_lab import LabConfig, Oracle, VirtualLab
+
+__all__ = [
+    "BadRow", "ClickHouseSink", "ConsumerError", "HttpBridge", "LabConfig", "Measurement", "Oracle", "RobotClient",
+    "SinkError", "VirtualLab", "connect", "create_tables",
+]

@@ -1,0 +1,470 @@
+"""One campaign's live state and the events it emits, without Kafka.
+
+The Faust agents feed decoded records in and send what comes out; keeping the
+logic here makes it testable and keeps the agents thin.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from labloop.models import PoolState
+from labloop.models.learners import pack_rows, unpack_rows
+from labloop.models.loop import FAILED, MEASURED, PENDING
+from labloop.models.state import pack_strings, unpack_strings
+from labloop.schemas import Codec, InvalidEvent
+from labloop.schemas.codec import avro_string
+from labloop.schemas.types import Record
+from labloop.streams.definition import CampaignSpec
+
+__all__ = ["CampaignRuntime", "Emit", "PREDICTION_CHUNK", "PredictionWriter", "Raw",
+           "Update", "now_ms", "unknown_campaign"]
+
+_SEEN_CHUNKS = 64  # seen_readings chunks before a checkpoint packs them into one again
+STATE_FORMAT = 2  # of CampaignRuntime.state_dict; 1 was a pickle, which is never loaded
+PREDICTION_CHUNK = 2000  # items per Prediction message: ~60 kB, well under broker limits
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _opt(v: float) -> float | None:
+    """NaN (no model yet) travels as Avro null."""
+    return None if math.isnan(v) else float(v)
+
+
+
+
+@dataclass(frozen=True)
+class Emit:
+    """An event to publish: topic role, record name, record (keyed by ``campaign_id``)."""
+
+    role: str
+    name: str
+    record: Record
+
+
+@dataclass(frozen=True)
+class Raw:
+    """An event already encoded (off the event loop): topic role and bytes (keyed by ``campaign_id``)."""
+
+    role: str
+    value: bytes
+
+
+class PredictionWriter:
+    """Encodes a campaign's Prediction events with NumPy: the fast path for a pool rescoring.
+
+    A Prediction item is the compound id (fixed per pool row) and two doubles. For each chunk of
+    the pool the writer keeps a byte template holding the encoded ids, with the places of the
+    doubles; an update only writes the new means and deviations into a copy (~1 ms for 10k
+    rows, against ~15 ms through fastavro, measured here). The bytes read back exactly like
+    :meth:`Codec.encode`'s (tests/test_codec.py). Used from one model thread per campaign.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self._templates: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _template(self, ids: list[str], s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (s, e)
+        if key not in self._templates:
+            pre = [avro_string(c) for c in ids[s:e]]
+            lens = np.array([len(b) for b in pre], dtype=np.int64)
+            starts = np.concatenate([[0], np.cumsum(lens + 16)[:-1]])  # where item i begins
+            buf = np.zeros(int(lens.sum()) + 16 * (e - s), dtype=np.uint8)
+            at_id = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+            buf[at_id] = np.frombuffer(b"".join(pre), dtype=np.uint8)
+            at_val = (starts + lens)[:, None] + np.arange(16)[None, :]  # 16 bytes after each id
+            self._templates[key] = (buf, at_val.ravel())
+        return self._templates[key]
+
+    def encode(self, campaign_id: str, assay_id: str, version: int, ids: list[str], mean: np.ndarray,
+               std: np.ndarray, t: int) -> list[bytes]:
+        """Prediction messages (``PREDICTION_CHUNK`` items each) for pool rows ``0..len(mean)-1``."""
+        out = []
+        for s in range(0, int(mean.shape[0]), PREDICTION_CHUNK):
+            e = min(s + PREDICTION_CHUNK, int(mean.shape[0]))
+            buf, at_val = self._template(ids, s, e)
+            vals = np.empty((e - s, 2), dtype="<f8")
+            vals[:, 0], vals[:, 1] = mean[s:e], std[s:e]
+            items = buf.copy()
+            items[at_val] = vals.view(np.uint8).ravel()
+            out.append(self.codec.encode_with_items("Prediction", {
+                "campaign_id": campaign_id, "model_version": version, "assay_id": assay_id, "event_time": t,
+                "items": None}, items.tobytes(), e - s))
+        return out
+
+
+@dataclass(frozen=True)
+class Update:
+    """A model update in flight: the new observations (oriented values and pool positions), the
+    pool snapshot, readings applied so far."""
+
+    y_new: np.ndarray
+    keys: np.ndarray
+    X_pool: np.ndarray
+    n_readings: int
+    offsets: dict[str, int]
+
+
+@dataclass
+class _Request:
+    index: int
+    sequence: int
+    expires_at: int
+    status: str = "REQUESTED"
+
+
+def unknown_campaign(campaign_id: str, readings: list[Record]) -> InvalidEvent:
+    """The error for readings (records with ``reading_id``) of a campaign not defined here."""
+    ids = ", ".join(r["reading_id"] for r in readings[:3]) + (" ..." if len(readings) > 3 else "")
+    return InvalidEvent(f"{len(readings)} reading(s) ({ids}) for unknown campaign {campaign_id!r}")
+
+
+@dataclass
+class CampaignRuntime:
+    """Pool, model, requests and seen readings of one campaign.
+
+    Not thread-safe: the caller serializes access (one asyncio lock per campaign).
+    """
+
+    campaign_id: str
+    device: str | None = None
+    definition: CampaignSpec | None = None
+    pool: PoolState | None = None
+    compound_ids: list[str] = field(default_factory=list)
+    smiles: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, _Request] = field(default_factory=dict)
+    seen_readings: set[str] = field(default_factory=set)
+    n_requested: int = 0  # requests that count against the budget (an expired one gives its place back)
+    n_issued: int = 0  # every request ever made: the sequence behind request ids, never reused
+    n_batches: int = 0
+    n_readings: int = 0  # distinct readings applied, all assays
+    # "topic:partition" -> next offset processed: the audit trail of what each model learned from
+    applied_offsets: dict[str, int] = field(default_factory=dict)
+    model_offsets: dict[int, dict[str, int]] = field(default_factory=dict)
+    done_announced: bool = False
+    _staged: list[np.ndarray] = field(default_factory=list)
+    # Checkpoints store seen_readings incrementally: ids applied since the last snapshot, and the
+    # packed chunks of those before (a snapshot then costs the new ids, not all of them).
+    _seen_new: list[str] = field(default_factory=list, repr=False)
+    _seen_chunks: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
+    _seen_packed: int = 0
+
+    def state_dict(self, learner: bool = True) -> dict[str, Any]:
+        """The campaign as arrays and JSON values (see :mod:`labloop.models.state`), for a checkpoint.
+
+        ``seen_readings`` goes as chunks: only the ids applied since the last snapshot are packed
+        anew (all of them again if the set was changed directly, or once per ``_SEEN_CHUNKS``
+        snapshots, so the chunks stay few). ``learner=False`` leaves the learner's state out for
+        the caller to add under ``["pool"]["learner"]`` (it lives in the model process).
+        Call with the campaign's lock held: arrays that change in place are copied.
+        """
+        if len(self.seen_readings) != self._seen_packed + len(self._seen_new) or len(self._seen_chunks) >= _SEEN_CHUNKS:
+            self._seen_chunks, self._seen_packed, self._seen_new = [], 0, list(self.seen_readings)
+        if self._seen_new:
+            self._seen_chunks.append(pack_strings(self._seen_new))
+            self._seen_packed += len(self._seen_new)
+            self._seen_new = []
+        reqs = list(self.requests.items())
+        d = self.definition
+        return {
+            "format": STATE_FORMAT, "campaign_id": self.campaign_id,
+            "definition": None if d is None else {k: v for k, v in d.to_record(0).items() if k != "event_time"},
+            "pool": None if self.pool is None else self.pool.state_dict(learner=learner),
+            "compound_ids": pack_strings(self.compound_ids), "smiles": pack_strings(self.smiles),
+            "requests": {"ids": pack_strings([k for k, _ in reqs]),
+                         "index": np.array([r.index for _, r in reqs], dtype=np.int64),
+                         "sequence": np.array([r.sequence for _, r in reqs], dtype=np.int64),
+                         "expires_at": np.array([r.expires_at for _, r in reqs], dtype=np.int64),
+                         "status": pack_strings([r.status for _, r in reqs])},
+            "seen": list(self._seen_chunks), "n_requested": self.n_requested, "n_issued": self.n_issued,
+            "n_batches": self.n_batches, "n_readings": self.n_readings, "applied_offsets": dict(self.applied_offsets),
+            "model_offsets": {str(v): dict(o) for v, o in self.model_offsets.items()},
+            "done_announced": self.done_announced,
+            "staged": pack_rows(np.concatenate(self._staged)) if self._staged else None}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: str | None = None) -> CampaignRuntime:
+        """Rebuild a campaign from :meth:`state_dict` (its learner is refitted from its stored data).
+
+        Raises:
+            InvalidEvent: the state is of another format, or its definition does not validate.
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise InvalidEvent(f"campaign state format {state.get('format')!r}, expected {STATE_FORMAT}")
+        rt = cls(str(state["campaign_id"]), device=device)
+        if state["definition"] is not None:
+            rt.definition = CampaignSpec.from_record({**state["definition"], "event_time": 0})
+        if state["pool"] is not None:
+            rt.pool = PoolState.from_state(state["pool"], device=device)
+        rt.compound_ids, rt.smiles = unpack_strings(state["compound_ids"]), unpack_strings(state["smiles"])
+        rt.index = {c: i for i, c in enumerate(rt.compound_ids)}
+        q = state["requests"]
+        rt.requests = {rid: _Request(int(i), int(seq), int(exp), st) for rid, i, seq, exp, st in zip(
+            unpack_strings(q["ids"]), q["index"].tolist(), q["sequence"].tolist(), q["expires_at"].tolist(),
+            unpack_strings(q["status"]), strict=True)}
+        rt._seen_chunks = list(state["seen"])
+        rt.seen_readings = {rid for chunk in rt._seen_chunks for rid in unpack_strings(chunk)}
+        rt._seen_packed = len(rt.seen_readings)
+        rt.n_requested, rt.n_issued = int(state["n_requested"]), int(state["n_issued"])
+        rt.n_batches, rt.n_readings = int(state["n_batches"]), int(state["n_readings"])
+        rt.applied_offsets = {str(k): int(v) for k, v in state["applied_offsets"].items()}
+        rt.model_offsets = {int(v): {str(k): int(o) for k, o in offs.items()} for v, offs in state["model_offsets"].items()}
+        rt.done_announced = bool(state["done_announced"])
+        rt._staged = [unpack_rows(state["staged"])] if state["staged"] is not None else []
+        return rt
+
+    # ---- inputs -------------------------------------------------------------------------
+    def define(self, record: Record) -> None:
+        """Apply a ``Campaign`` event. Validated first: an invalid definition, or one that changes
+        what a running campaign is built on (:data:`~labloop.streams.definition.FIXED`), raises
+        :class:`~labloop.streams.definition.InvalidDefinition` and changes nothing."""
+        spec = CampaignSpec.from_record(record)
+        if self.definition is not None:
+            self.definition.check_change(spec)
+            if self.pool is not None and spec.policy != self.definition.policy:
+                self.pool.set_policy(spec.policy)
+            self.definition = spec
+            return
+        X = np.concatenate(self._staged) if self._staged else np.zeros((0, 0), dtype=np.float32)
+        self.pool = PoolState(X, maximize=spec.maximize, learner=spec.learner, policy=spec.policy, seed=spec.seed,
+                              device=self.device)
+        self._staged = []
+        self.definition = spec
+
+    def add_compounds(self, records: list[Record], X: np.ndarray, packed: dict[str, Any] | None = None) -> int:
+        """Add featurized compounds (row ``i`` of ``X`` for ``records[i]``); returns how many were new.
+        ``packed``: ``X`` packed for checkpoints (used when every row is new)."""
+        keep = [i for i, r in enumerate(records) if r["compound_id"] not in self.index]
+        fresh: dict[str, int] = {}
+        rows = []
+        for i in keep:
+            cid = records[i]["compound_id"]
+            if cid in fresh:
+                continue
+            fresh[cid] = len(self.compound_ids)
+            self.compound_ids.append(cid)
+            self.smiles.append(records[i]["smiles"])
+            rows.append(i)
+        if not rows:
+            return 0
+        self.index.update(fresh)
+        Xn = X[rows]
+        if self.pool is not None:
+            self.pool.add(Xn, packed if len(rows) == X.shape[0] else None)
+        else:
+            self._staged.append(Xn)
+        return len(rows)
+
+    def apply_readings(self, assay_id: str, unit: str, readings: list[Record]) -> list[InvalidEvent]:
+        """Validate and apply readings of one assay and unit (a plate's wells, or single readings).
+
+        Each record needs ``reading_id``, ``compound_id``, ``value`` and ``request_id``. A
+        reading already applied (same ``reading_id``) changes nothing. Returns one error per
+        rejected reading (its ``index`` in ``readings``), or one for all of them when the
+        campaign is unknown (``index`` None); the others are applied.
+        """
+        if self.definition is None or self.pool is None:
+            return [unknown_campaign(self.campaign_id, readings)]
+        d = self.definition
+        objective = assay_id == d.objective_assay_id
+        if objective and unit != d.unit:
+            return [InvalidEvent(f"reading {r['reading_id']}: unit {unit!r}, campaign expects {d.unit!r}", k)
+                    for k, r in enumerate(readings)]
+        low, high = d.range_of(assay_id)
+        index, seen, requests, new_ids = self.index, self.seen_readings, self.requests, self._seen_new
+        errors: list[InvalidEvent] = []
+        idx: list[int] = []
+        vals: list[float] = []
+        for k, r in enumerate(readings):
+            rid = r["reading_id"]
+            if rid in seen:
+                continue
+            ci = index.get(r["compound_id"])
+            if ci is None:
+                errors.append(InvalidEvent(
+                    f"reading {rid}: compound {r['compound_id']!r} is not in campaign {self.campaign_id!r}", k))
+                continue
+            v = r["value"]
+            if not low <= v <= high:  # NaN fails both
+                why = "is not finite" if not math.isfinite(v) else \
+                    f"is outside the plausible range [{low:g}, {high:g}] of assay {assay_id!r}"
+                errors.append(InvalidEvent(f"reading {rid}: value {v} {why}", k))
+                continue
+            req = r["request_id"]
+            if req is not None:
+                rq = requests.get(req)
+                if rq is None:
+                    errors.append(InvalidEvent(f"reading {rid}: request {req!r} does not exist", k))
+                    continue
+                rq.status = "COMPLETED"
+            seen.add(rid)
+            new_ids.append(rid)
+            self.n_readings += 1
+            if objective:
+                idx.append(ci)
+                vals.append(v)
+        if idx:
+            self.pool.observe(np.array(idx), np.array(vals, dtype=np.float64))
+        return errors
+
+    def restore_request(self, r: Record) -> bool:
+        """Re-adopt an ExperimentRequest published before a restart: pending again, its id and
+        sequence never reused. Returns False when it is unknown here or already known."""
+        if self.pool is None or r["compound_id"] not in self.index or r["request_id"] in self.requests:
+            return False
+        i = self.index[r["compound_id"]]
+        self.requests[r["request_id"]] = _Request(i, int(r["sequence"]), int(r["expires_at"]))
+        self.pool.mark_pending(np.array([i]))
+        self.n_issued = max(self.n_issued, int(r["sequence"]) + 1)
+        self.n_batches = max(self.n_batches, int(r["batch"]) + 1)
+        self.n_requested += 1
+        return True
+
+    def continue_after(self, model_version: int, done: bool) -> None:
+        """A ModelUpdate this campaign published before a restart: the next version is after it, and
+        a final report already sent is not sent again."""
+        if self.pool is not None:
+            self.pool.model_version = max(self.pool.model_version, model_version)
+            self.done_announced = self.done_announced or done
+
+    def on_status(self, r: Record) -> None:
+        """Apply a robot's status report (FAILED retires the compound, EXPIRED re-queues it)."""
+        req = self.requests.get(r["request_id"])
+        if req is None:
+            raise InvalidEvent(f"status {r['status']} for unknown request {r['request_id']!r}")
+        if req.status in ("COMPLETED", "FAILED", "EXPIRED"):
+            return
+        req.status = r["status"]
+        if self.pool is None or self.pool.status[req.index] != PENDING:
+            return
+        if r["status"] == "FAILED":
+            self.pool.fail(np.array([req.index]))
+        elif r["status"] == "EXPIRED":
+            self.pool.release(np.array([req.index]))
+            self.n_requested -= 1  # an expired request gives its budget back
+
+    def expire(self, now: int) -> list[Emit]:
+        """Expire pending requests past their ``expires_at``."""
+        out = []
+        for rid, req in self.requests.items():
+            if req.status in ("REQUESTED", "ACCEPTED", "STARTED") and req.expires_at <= now:
+                rec = {"request_id": rid, "campaign_id": self.campaign_id, "compound_id": self.compound_ids[req.index],
+                       "status": "EXPIRED", "robot_id": "labloop-worker", "reason": "request_ttl_s elapsed", "event_time": now}
+                self.on_status(rec)
+                out.append(Emit("status", "RequestStatus", rec))
+        return out
+
+    # ---- decisions ----------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        return 0 if self.pool is None else self.pool.count(PENDING)
+
+    def wanted(self) -> int:
+        """How many requests to issue now (0 = wait)."""
+        d, pool = self.definition, self.pool
+        if d is None or pool is None or pool.size < d.min_pool_size or pool.size == 0:
+            return 0
+        left = d.budget - self.n_requested
+        if left <= 0:
+            return 0
+        if d.schedule == "ROUNDS":
+            if self.pending:
+                return 0
+            k = d.init_size if self.n_batches == 0 else d.batch_size
+        else:
+            k = (d.init_size if self.n_batches == 0 else d.batch_size) - self.pending
+        return max(0, min(k, left))
+
+    def take_update(self) -> Update | None:
+        """Snapshot what the next model update needs (call with the campaign's lock held)."""
+        if self.pool is None:
+            return None
+        work = self.pool.take_new()
+        if work is None:
+            return None
+        return Update(work[0], work[1], work[2], self.n_readings, dict(self.applied_offsets))
+
+    def commit_update(self, update: Update, pred: tuple[np.ndarray, np.ndarray], train_s: float,
+                      device: str) -> list[Emit]:
+        """Install a finished fit as version ``pool.model_version + 1`` and describe it (ModelUpdate;
+        the caller publishes its Predictions, encoded by :class:`PredictionWriter`)."""
+        assert self.pool is not None
+        self.pool.commit(pred)
+        self.model_offsets[self.pool.model_version] = update.offsets
+        return self.model_events(train_s, int(update.keys.shape[0]), device, n_readings=update.n_readings)
+
+    def processed(self, topic: str, partition: int, offset: int) -> None:
+        """Record that a reading-carrying message was processed (in partition order)."""
+        key = f"{topic}:{partition}"
+        if offset + 1 > self.applied_offsets.get(key, 0):
+            self.applied_offsets[key] = offset + 1
+
+    def requests_now(self, device: str) -> list[Emit]:
+        """Requests the campaign wants now, or its final report once the budget is spent."""
+        if self.pool is None or self.definition is None:
+            return []
+        k = self.wanted()
+        if k > 0:
+            return self.propose(k)
+        if not self.done_announced and self.definition.budget <= self.n_requested and self.pending == 0:
+            return self.model_events(0.0, 0, device, n_readings=self.n_readings)
+        return []
+
+    def model_events(self, train_s: float, n_new: int, device: str, n_readings: int = 0) -> list[Emit]:
+        """The ModelUpdate of the current model version.
+
+        When the campaign finishes without new data (its last requests failed),
+        the final ModelUpdate repeats the last version with ``done`` set: the
+        idempotency key of ModelUpdate is (campaign, version, done).
+        """
+        assert self.pool is not None and self.definition is not None
+        pool, t = self.pool, now_ms()
+        measured = pool.values[pool.status == MEASURED]
+        best = None
+        if measured.size:
+            best = float(measured.max() if self.definition.maximize else measured.min())
+        done = self.n_requested >= self.definition.budget and pool.count(PENDING) == 0
+        out = [Emit("model_updates", "ModelUpdate", {
+            "campaign_id": self.campaign_id, "model_version": pool.model_version, "learner": self.definition.learner,
+            "device": device, "n_train": pool.learner.n_seen, "n_new": n_new, "n_measured": int(measured.size),
+            "n_failed": pool.count(FAILED), "n_pending": pool.count(PENDING), "n_requested": self.n_requested,
+            "pool_size": pool.size, "best_value": best, "train_s": train_s, "done": done,
+            "n_readings": n_readings, "trained_on": self.model_offsets.get(pool.model_version, {}), "event_time": t})]
+        if done:
+            self.done_announced = True
+        return out
+
+    def propose(self, k: int) -> list[Emit]:
+        """Choose ``k`` compounds and build their ExperimentRequests."""
+        assert self.pool is not None and self.definition is not None
+        d, t = self.definition, now_ms()
+        prop = self.pool.propose(k)
+        out = []
+        for prio, i in enumerate(prop.index.tolist()):
+            seq = self.n_issued
+            rid = f"{self.campaign_id}-r{seq:07d}"
+            expires = t + int(d.request_ttl_s * 1000)
+            self.requests[rid] = _Request(i, seq, expires)
+            self.n_requested += 1
+            self.n_issued += 1
+
+            out.append(Emit("requests", "ExperimentRequest", {
+                "request_id": rid, "campaign_id": self.campaign_id, "compound_id": self.compound_ids[i],
+                "smiles": self.smiles[i], "assay_id": d.objective_assay_id, "priority": prio, "sequence": seq,
+                "batch": self.n_batches, "policy": d.policy if prop.model_version else "random",
+                "acquisition_score": _opt(prop.score[prio]), "predicted_mean": _opt(prop.mean[prio]),
+                "predicted_std": _opt(prop.std[prio]),
+                "model_version": prop.model_version, "trained_on": self.model_offsets.get(prop.model_version, {}),
+                "event_time": t, "expires_at": expires}))
+        if out:
+            self.n_batches += 1
+        return out

@@ -1,0 +1,100 @@
+"""The one settings object: environment variables ``LABLOOP_*`` and ``.env``.
+
+Read once, at the edge (the CLI), and passed down as arguments; library code
+never reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "load_settings"]
+
+
+class Settings(BaseSettings):
+    """Where Kafka and ClickHouse are, and how the loop runs.
+
+    Leave ``kafka_bootstrap`` empty for the embedded Tansu broker and keep the
+    ``chdb://`` DSN for embedded ClickHouse; set them to reach a cluster.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LABLOOP_", env_file=".env", extra="ignore", frozen=True)
+
+    # Kafka
+    kafka_bootstrap: str = Field("", description="host:port[,host:port]; empty = start the embedded broker")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_session_timeout_s: float = Field(6.0, description="consumer session timeout; Tansu joins take half of it")
+    kafka_fetch_max_wait_ms: int = Field(20, description="worker fetch long-poll; Tansu holds every fetch this long")
+    kafka_fetch_max_wait_backlog_ms: int = Field(
+        500, description="worker fetch long-poll while a readings input is more than backlog_messages behind")
+    schema_registry_url: str | None = Field(None, description="Confluent Schema Registry; unset = single-object Avro")
+    schema_registry_auth: SecretStr | None = Field(None, description="user:password for the registry")
+
+    # ClickHouse
+    clickhouse_dsn: str = Field("", description="empty = embedded chDB under data_dir; chdb:///abs/path; or http(s)://user:pw@host:port")
+    clickhouse_http_port: int = Field(8123, description="loopback port on which the embedded chDB answers ClickHouse's HTTP interface")
+    clickhouse_database: str = "labloop"
+
+    # Runtime
+    data_dir: Path = Path(".labloop")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    worker_batch: int = Field(2000, description="max events per micro-batch")
+    worker_batch_window_s: float = Field(0.01, description="max wait to fill a micro-batch (a backlog fills it at once)")
+    sink_batch_rows: int = 50_000
+    sink_flush_s: float = 0.5
+    sink_exactly_once: bool = Field(True, description="skip rows already stored after a crash; dedup tokens (off only for fault-test controls)")
+    sink_dedup_keys: int = Field(1_000_000, description="natural keys remembered per table: the window for re-sent events")
+    sink_crash_after_inserts: int = Field(0, description="fault injection for tests: exit after this many inserts, before the commit")
+    sink_kill_during_insert: int = Field(0, description="fault injection for tests: SIGKILL the sink while its n-th insert runs")
+    backlog_messages: int = Field(1000, description="inputs further behind than this count as a backlog")
+    backlog_fit_share: float = Field(0.25, gt=0, le=1, description="under a backlog, fits take at most this share of the time (1 = no pacing)")
+    model_process: bool = Field(True, description="fit in a child process (false: on a thread of the worker)")
+    checkpoint_interval_s: float = Field(10.0, description="how often a worker checkpoints its campaigns (0 = never)")
+    worker_id: str = Field("0", description="names this worker's checkpoint; a replacement reuses its predecessor's id")
+    log_level: Literal["debug", "info", "warn", "error"] = "warn"
+
+    @property
+    def embedded_kafka(self) -> bool:
+        return not self.kafka_bootstrap
+
+    @property
+    def embedded_clickhouse(self) -> bool:
+        return self.clickhouse_target.startswith("chdb:")
+
+    @property
+    def clickhouse_target(self) -> str:
+        """The DSN actually used: an explicit one, else ``chdb:///<data_dir>/chdb`` (absolute)."""
+        return self.clickhouse_dsn or f"chdb://{(self.data_dir / 'chdb').resolve()}"
+
+    @property
+    def torch_device(self) -> str | None:
+        return None if self.device == "auto" else self.device
+
+    def kafka_config(self) -> dict[str, str]:
+        """librdkafka / confluent-kafka client settings (no group settings)."""
+        conf: dict[str, str] = {"bootstrap.servers": self.kafka_bootstrap, "security.protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism:
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl.username"] = self.kafka_sasl_username or ""
+            conf["sasl.password"] = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
+        if self.kafka_ssl_cafile:
+            conf["ssl.ca.location"] = str(self.kafka_ssl_cafile)
+        return conf
+
+    def registry_config(self) -> dict[str, str]:
+        if self.schema_registry_auth:
+            return {"basic.auth.user.info": self.schema_registry_auth.get_secret_value()}
+        return {}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment and ``.env`` once; keyword arguments win."""
+    return Settings(**overrides)  # type: ignore[arg-type]

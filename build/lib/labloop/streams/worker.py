@@ -1,0 +1,528 @@
+"""The Faust application: agents that turn readings into models and requests.
+
+Topology (every input keyed and co-partitioned by ``campaign_id``)::
+
+    campaigns ─┐
+    compounds ─┤                           ┌─> predictions
+    readings  ─┼─> CampaignRuntime (per id) ┼─> requests
+    plates    ─┤   micro-batched updates    ├─> model-updates
+    status    ─┘                           └─> dead-letters (anything that fails)
+
+Agents consume in micro-batches (``take_events``), decode Avro themselves
+(values are raw bytes), featurize on a thread, and fit in a child process
+(:mod:`labloop.streams.modelhost`; a thread with ``LABLOOP_MODEL_PROCESS=false``), so the
+event loop keeps heart-beating and fits never wait on its interpreter lock. Delivery is at-least-once: every
+handler is idempotent (compounds by id, readings by ``reading_id``, statuses by
+request state).
+
+Every ``checkpoint_interval_s`` the worker snapshots each campaign (under its lock,
+with no fit in flight and nothing decided but unsent), flushes the producer, and
+writes the checkpoint with the offsets below which every input was handled
+(:mod:`labloop.streams.checkpoint`); a replacement resumes from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faust
+import numpy as np
+from faust.exceptions import ConsumerNotStarted
+from labloop.models import FeatureSpec, ModelError, parse_many
+from labloop.models.chem import featurize_mols
+from labloop.models.learners import pack_rows
+from labloop.models.state import dumps
+from labloop.schemas import TOPICS, Codec, LabloopError
+from labloop.schemas.types import Record
+from labloop.streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms
+from labloop.streams.checkpoint import CheckpointStore
+from labloop.streams.engine import CampaignEngine
+from labloop.streams.faust_transport import set_fetch_max_wait
+from labloop.streams.modelhost import ModelHost, ModelHostError, RemoteLearner
+from labloop.streams.progress import Progress
+from labloop.streams.settings import Settings
+
+__all__ = ["LabloopWorker", "create_app"]
+
+log = logging.getLogger("labloop.worker")
+SERVICE = "labloop-worker"
+
+
+def _credentials(settings: Settings) -> Any:
+    proto = settings.kafka_security_protocol
+    ctx = None
+    if proto in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None)
+    if proto.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username or "",
+            password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else "",
+            mechanism=settings.kafka_sasl_mechanism or "PLAIN", ssl_context=ctx)
+    if ctx is not None:
+        return faust.SSLCredentials(ctx)
+    return None
+
+
+class LabloopWorker:
+    """Campaign state and handlers; :func:`create_app` wires them to Faust agents."""
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.codec = Codec(registry_url=settings.schema_registry_url, registry_config=settings.registry_config())
+        self.spec = FeatureSpec()
+        self.engine = CampaignEngine(device=settings.torch_device)  # the one writer of campaign state
+        self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # One thread each: torch already uses every core for a fit, and RDKit's batch API its own threads.
+        self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-model")
+        self.chem_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-chem")
+        self.models: ModelHost | None = None  # started by start_models(); None = fits on the model thread
+        self.updaters: dict[str, asyncio.Task[None]] = {}
+        self.prediction_writers: dict[str, PredictionWriter] = {}
+        self.sending: dict[str, asyncio.Future[None]] = {}  # per campaign: the last batch of events handed to send
+        # Checkpoints: a campaign is "busy" from deciding something (a fit, requests, expiries) until
+        # it is sent, and a paused campaign starts nothing new, so its snapshot never holds a
+        # half-applied fit or an unsent request. Offsets, floors and timing: self.progress.
+        self.checkpoints: CheckpointStore | None = None
+        self.progress = Progress(settings.checkpoint_interval_s, settings.backlog_messages)
+        self.busy: dict[str, int] = defaultdict(int)
+        self.paused: set[str] = set()
+        self._fetch_wait_ms = settings.kafka_fetch_max_wait_ms  # the consumer starts with it
+        self.topics = {role: app.topic(t.name, key_type=bytes, value_type=bytes, partitions=t.partitions)
+                       for role, t in TOPICS.items()}
+
+    @property
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Per reading-carrying input partition: messages behind its high watermark (see :class:`Progress`)."""
+        return self.progress.lag
+
+    # ---- the model process ----------------------------------------------------------------
+    def start_models(self, threads: int) -> None:
+        """Start the model process (it imports torch meanwhile: start it early)."""
+        self.models = ModelHost(threads)
+
+    def adopt_all(self) -> None:
+        """Move every defined campaign's learner into the model process (after a restore, the
+        checkpointed learners move in); call before consuming."""
+        for cid in self.engine:
+            self._adopt(cid)
+
+    def _adopt(self, campaign_id: str) -> None:
+        models = self.models
+        if models is not None:
+            self.engine.place_learner(campaign_id, lambda learner: learner if isinstance(learner, RemoteLearner)
+                                      else models.adopt(campaign_id, learner))
+
+    def _exit_if_models_died(self, exc: BaseException) -> None:
+        """Without its model process a worker can neither fit nor checkpoint: exit (code 70) so that
+        a replacement restores the campaigns from the last checkpoint and Kafka."""
+        if self.models is not None and not self.models.alive():
+            log.critical("%s; exiting so that a replacement restores the campaigns", exc)
+            os._exit(70)
+
+    def stop_models(self) -> None:
+        if self.models is not None:
+            self.models.close()
+
+    # ---- output ---------------------------------------------------------------------------
+    async def emit(self, campaign_id: str, events: Iterable[Emit | Raw]) -> None:
+        for e in events:
+            value = e.value if isinstance(e, Raw) else self.codec.encode(e.name, e.record)
+            await self.topics[e.role].send(key=campaign_id.encode(), value=value)
+
+    async def dead_letter(self, event: Any, stage: str, exc: BaseException) -> None:
+        msg = event.message
+        log.warning("dead letter from %s[%s]@%s (%s): %s", msg.topic, msg.partition, msg.offset, stage, exc)
+        rec = {"source_topic": msg.topic, "source_partition": msg.partition, "source_offset": msg.offset,
+               "source_key": msg.key if isinstance(msg.key, bytes | None) else str(msg.key).encode(),
+               "stage": stage, "service": SERVICE, "error_class": type(exc).__name__,
+               "error_message": str(exc)[:2000], "raw": msg.value if isinstance(msg.value, bytes) else b"",
+               "event_time": now_ms()}
+        await self.topics["dead_letters"].send(key=msg.topic.encode(), value=self.codec.encode("DeadLetter", rec))
+
+    async def decoded(self, events: list[Any], expect: tuple[str, ...]) -> AsyncIterator[tuple[Any, Record]]:
+        for ev in events:
+            try:
+                yield ev, self.codec.decode(ev.value, expect=expect).record
+            except LabloopError as exc:
+                await self.dead_letter(ev, "decode", exc)
+
+    # ---- the decision step ----------------------------------------------------------------
+    def tick(self, campaign_id: str) -> None:
+        """Make sure the campaign's updater runs: it folds in new data, then requests what the campaign wants.
+
+        One updater per campaign at a time; data that arrives while it fits is taken by its
+        next pass, so a backlog costs one update per fit, not one per micro-batch.
+        """
+        self.progress.touch(campaign_id)
+        task = self.updaters.get(campaign_id)
+        if task is None or task.done():
+            self.updaters[campaign_id] = asyncio.ensure_future(self._updater(campaign_id))
+
+    def _fit_and_encode(self, rt: CampaignRuntime, update: Update, version: int) -> tuple[
+            tuple[np.ndarray, np.ndarray], list[bytes]]:
+        """On the model thread: update the learner, score the pool, encode the Prediction events."""
+        assert rt.pool is not None and rt.definition is not None
+        pred = rt.pool.fit(update.y_new, update.keys, update.X_pool)
+        writer = self.prediction_writers.setdefault(rt.campaign_id, PredictionWriter(self.codec))
+        return pred, writer.encode(rt.campaign_id, rt.definition.objective_assay_id, version, rt.compound_ids,
+                                   pred[0], pred[1], now_ms())
+
+    def _send_in_order(self, campaign_id: str, events: list[Emit | Raw]) -> None:
+        """Send a campaign's events after those handed over before them, without waiting here (the
+        next fit starts meanwhile); the campaign stays busy, for checkpoints, until they are sent."""
+        prev = self.sending.get(campaign_id)
+
+        async def run() -> None:
+            try:
+                if prev is not None:
+                    await asyncio.wait([prev])
+                await self.emit(campaign_id, events)
+            except Exception:  # never silently: the events are lost for this run, the log says which
+                log.exception("sending %d event(s) of campaign %s failed", len(events), campaign_id)
+            finally:
+                self.busy[campaign_id] -= 1
+
+        self.sending[campaign_id] = asyncio.ensure_future(run())
+
+    async def _updater(self, campaign_id: str) -> None:
+        engine = self.engine
+        lock = self.locks[campaign_id]
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while campaign_id in self.paused:
+                    await asyncio.sleep(0.01)
+                async with lock:
+                    if campaign_id in self.paused:
+                        continue
+                    rt = engine.get(campaign_id)
+                    if rt is None or rt.pool is None or rt.definition is None:
+                        return
+                    device = str(getattr(rt.pool.learner, "device", "cpu"))
+                    update = engine.take_update(campaign_id)
+                    version = rt.pool.model_version + 1  # only this updater commits versions
+                    self.busy[campaign_id] += 1
+                    if update is None:
+                        try:
+                            out = engine.decide(campaign_id, device)
+                        except BaseException:  # never leave the campaign busy: checkpoints would wait forever
+                            self.busy[campaign_id] -= 1
+                            raise
+                        if out:
+                            self.progress.touch(campaign_id)
+                        break
+                try:
+                    t0 = time.perf_counter()
+                    pred, raws = await loop.run_in_executor(self.model_pool, self._fit_and_encode, rt, update, version)
+                    async with lock:
+                        events = engine.commit_update(campaign_id, update, pred, time.perf_counter() - t0, device)
+                        assert rt.pool.model_version == version
+                        self.progress.touch(campaign_id)
+                except BaseException:
+                    self.busy[campaign_id] -= 1
+                    raise
+                self._send_in_order(campaign_id, [*events, *(Raw("predictions", r) for r in raws)])
+                # A backlog: coalesce more of it into the next fit, and leave the cores to draining it.
+                until = time.perf_counter() + self._pace(time.perf_counter() - t0)
+                while time.perf_counter() < until and self.behind():
+                    await asyncio.sleep(min(0.02, until - time.perf_counter()))
+            self._send_in_order(campaign_id, list(out))
+        except ModelHostError as exc:
+            self._exit_if_models_died(exc)
+            log.exception("model update of campaign %s failed", campaign_id)
+        except Exception:  # an updater must never die silently: log with the campaign, let the next tick retry
+            log.exception("model update or request step of campaign %s failed", campaign_id)
+
+    def behind(self) -> bool:
+        """Whether a readings input is more than ``backlog_messages`` behind its high watermark."""
+        return self.progress.behind()
+
+    def _pace(self, fit_s: float) -> float:
+        """Seconds to wait before the next fit (while :meth:`behind`), so that fits take at most
+        ``backlog_fit_share`` of the time a backlog drains: one model update per several
+        micro-batches, the cores left to the drain, and the wait ends with the backlog."""
+        share = self.settings.backlog_fit_share
+        return 0.0 if share >= 1.0 or not self.behind() else fit_s * (1.0 / share - 1.0)
+
+    def observe_lag(self, spans: dict[Any, tuple[int, int]]) -> None:
+        """After a batch of readings or plates (``spans``: see :func:`_spans`): how far each of
+        its partitions is behind."""
+        for tp, (_, last) in spans.items():
+            try:
+                hw = self.app.consumer.highwater(tp)
+            except (AssertionError, ConsumerNotStarted) as exc:  # not assigned (a rebalance), not started
+                log.debug("no high watermark for %s: %r", tp, exc)
+                continue
+            if hw is not None and hw >= 0:  # None until a fetch for it was answered
+                self.progress.observed(tp.topic, tp.partition, hw - last - 1)
+        wait = self.fetch_wait_ms()
+        if wait != self._fetch_wait_ms and set_fetch_max_wait(self.app, wait):
+            log.debug("fetch long-poll now %d ms", wait)
+            self._fetch_wait_ms = wait
+
+    def fetch_wait_ms(self) -> int:
+        """The consumer's long-poll for the state :meth:`behind` reports: short when live (Tansu
+        holds every fetch for the whole wait, so it is the latency of an idle input), long under a
+        backlog, which drained single readings about a fifth faster (README, "How the worker keeps up")."""
+        s = self.settings
+        return s.kafka_fetch_max_wait_backlog_ms if self.behind() else s.kafka_fetch_max_wait_ms
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    async def _snapshot(self, campaign_id: str) -> bytes:
+        """The campaign's state as checkpoint bytes (:func:`labloop.models.state.dumps`), taken
+        with no fit in flight and nothing decided but unsent."""
+        loop = asyncio.get_running_loop()
+        self.paused.add(campaign_id)
+        t0 = time.perf_counter()
+        try:
+            while True:
+                while self.busy[campaign_id]:
+                    await asyncio.sleep(0.005)
+                async with self.locks[campaign_id]:
+                    if self.busy[campaign_id]:
+                        continue
+                    # Read with the lock held (handlers wait for this campaign only): copies and packed
+                    # strings, so the encoding below can run on a thread while the campaign moves on.
+                    self.progress.snapshotted(campaign_id)
+                    t1 = time.perf_counter()
+                    rt = self.engine.get(campaign_id)
+                    assert rt is not None
+                    learner = rt.pool.learner if rt.pool is not None else None
+                    remote = learner if isinstance(learner, RemoteLearner) else None
+                    # The model process's learner state is asked for now, before any later fit, and collected after.
+                    pending = remote.request_state() if remote is not None else None
+                    state = self.engine.state_dict(campaign_id, learner=remote is None)
+                    t2 = time.perf_counter()
+                    break
+        finally:
+            self.paused.discard(campaign_id)
+        if pending is not None:
+            state["pool"]["learner"] = await asyncio.wrap_future(pending)
+        blob = await loop.run_in_executor(self.chem_pool, dumps, state)
+        log.debug("snapshot of %s: waited %.0f ms for its fit, held its lock %.0f ms, %.1f MB in %.0f ms", campaign_id,
+                  (t1 - t0) * 1000, (t2 - t1) * 1000, len(blob) / 1e6, (time.perf_counter() - t1) * 1000)
+        return blob
+
+    async def checkpoint(self) -> None:
+        """Snapshot every campaign, make sure what they decided is in Kafka, then write the file."""
+        store, progress = self.checkpoints, self.progress
+        if store is None or not progress.due() or not len(self.engine):
+            return
+        t0 = time.perf_counter()
+        floors = progress.begin()  # taken first: every later snapshot holds at least this much
+        # A campaign unchanged since its last snapshot keeps its file: only active campaigns are stored again.
+        cids = list(self.engine)
+        try:
+            blobs = {cid: await self._snapshot(cid) for cid in cids if cid in progress.changed or not store.has(cid)}
+        except ModelHostError as exc:
+            self._exit_if_models_died(exc)
+            raise
+        t1 = time.perf_counter()
+        await self.app.producer.flush()
+        t2 = time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(self.chem_pool, store.write, floors, blobs, cids)
+        progress.written()
+        t3 = time.perf_counter()
+        log.info("checkpoint %d: %d of %d campaign(s), %.1f MB in %.0f ms (snapshots %.0f, flush %.0f, write %.0f)",
+                 store.written, len(blobs), len(cids), store.last_bytes / 1e6, (t3 - t0) * 1000, (t1 - t0) * 1000,
+                 (t2 - t1) * 1000, (t3 - t2) * 1000)
+
+    # ---- handlers -------------------------------------------------------------------------
+    async def guarded(self, handler: Any, batch: list[Any], role: str) -> None:
+        """Run a handler on a micro-batch so that no exception ends the agent or costs the events beside it.
+
+        Handlers dead-letter the errors they expect. Anything else is a defect, but one message
+        must not take a campaign down with it: the batch is handled again one message at a time
+        (every handler is idempotent), and each message that still fails is dead-lettered with
+        its error, stage ``handler``.
+        """
+        try:
+            await handler(batch)
+            return
+        except Exception:
+            log.exception("%s handler failed on a batch of %d; retrying its messages one by one", role, len(batch))
+        for ev in batch:
+            try:
+                await handler([ev])
+            except Exception as exc:
+                await self.dead_letter(ev, "handler", exc)
+
+    async def on_campaigns(self, events: list[Any]) -> None:
+        touched = set()
+        async for ev, r in self.decoded(events, ("Campaign",)):
+            cid = r["campaign_id"]
+            try:
+                async with self.locks[cid]:
+                    self.engine.define(r)
+                    self._adopt(cid)
+                touched.add(cid)
+                log.info("campaign %s defined", cid)
+            except (LabloopError, ModelError) as exc:
+                await self.dead_letter(ev, "validate", exc)
+        for cid in touched:
+            self.tick(cid)
+
+    async def on_compounds(self, events: list[Any]) -> None:
+        batch: dict[str, list[tuple[Any, Record]]] = defaultdict(list)
+        async for ev, r in self.decoded(events, ("CompoundRegistered",)):
+            batch[r["campaign_id"]].append((ev, r))
+        loop = asyncio.get_running_loop()
+        for cid, items in batch.items():
+            smiles = [r["smiles"] for _, r in items]
+            mols, ok, errors = await loop.run_in_executor(self.chem_pool, parse_many, smiles)
+            bad = set(range(len(items))) - set(ok)
+            for pos, err in zip(sorted(bad), errors, strict=True):
+                await self.dead_letter(items[pos][0], "validate", err)
+            X = await loop.run_in_executor(self.chem_pool, featurize_mols, mols, self.spec)
+            packed = await loop.run_in_executor(self.chem_pool, pack_rows, X)  # for checkpoints, off the loop
+            async with self.locks[cid]:
+                self.engine.register(cid, [items[i][1] for i in ok], X, packed)
+            self.tick(cid)
+
+    async def on_readings(self, events: list[Any]) -> None:
+        """Single readings: decoded in one loop, applied per campaign, assay and unit in one call."""
+        by_campaign: dict[str, list[tuple[Any, Record]]] = defaultdict(list)
+        decode = self.codec.decode
+        for ev in events:
+            try:
+                r = decode(ev.value, expect=("AssayReading",)).record
+            except LabloopError as exc:
+                await self.dead_letter(ev, "decode", exc)
+                continue
+            by_campaign[r["campaign_id"]].append((ev, r))
+        engine = self.engine
+        for cid, items in by_campaign.items():
+            rejected: list[tuple[Any, LabloopError]] = []
+            async with self.locks[cid]:
+                if not engine.defined(cid):  # one dead letter per message, as each names its campaign
+                    rejected = [(ev, e) for ev, r in items for e in engine.readings(cid, r["assay_id"], r["unit"], [r])]
+                else:
+                    groups: dict[tuple[str, str], list[tuple[Any, Record]]] = defaultdict(list)
+                    for ev, r in items:
+                        groups[(r["assay_id"], r["unit"])].append((ev, r))
+                    last: dict[tuple[str, int], int] = {}
+                    for ev, _ in items:
+                        m = ev.message
+                        last[(m.topic, m.partition)] = max(last.get((m.topic, m.partition), -1), m.offset)
+                    sources = [(t, p, o) for (t, p), o in last.items()]
+                    for (assay, unit), group in groups.items():
+                        for err in engine.readings(cid, assay, unit, [r for _, r in group], sources):
+                            rejected.append((group[err.index][0] if err.index is not None else group[0][0], err))
+                        sources = []
+            for ev, problem in rejected:
+                await self.dead_letter(ev, "validate", problem)
+            if cid in engine:
+                self.tick(cid)
+
+    async def on_plates(self, events: list[Any]) -> None:
+        """One plate at a time: plate-level checks once, then the wells in a tight loop."""
+        touched: set[str] = set()
+        async for ev, plate in self.decoded(events, ("PlateReadout",)):
+            cid = plate["campaign_id"]
+            m = ev.message
+            async with self.locks[cid]:
+                errors = self.engine.readings(cid, plate["assay_id"], plate["unit"], plate["wells"],
+                                              [(m.topic, m.partition, m.offset)] if self.engine.defined(cid) else [])
+            for exc in errors:
+                await self.dead_letter(ev, "validate", exc)
+            if cid in self.engine:
+                touched.add(cid)
+        for cid in touched:
+            self.tick(cid)
+
+    async def on_status(self, events: list[Any]) -> None:
+        touched = set()
+        async for ev, r in self.decoded(events, ("RequestStatus",)):
+            try:
+                async with self.locks[r["campaign_id"]]:
+                    self.engine.status(r)
+                touched.add(r["campaign_id"])
+            except LabloopError as exc:
+                await self.dead_letter(ev, "validate", exc)
+        for cid in touched:
+            self.tick(cid)
+
+    async def on_timer(self) -> None:
+        now = now_ms()
+        for cid in self.engine:
+            async with self.locks[cid]:
+                if cid in self.paused:
+                    continue  # being checkpointed: expire on the next tick
+                expired = self.engine.expire(cid, now)
+                if expired:
+                    self.busy[cid] += 1
+                    self.progress.touch(cid)
+            if expired:
+                try:
+                    await self.emit(cid, expired)
+                finally:
+                    self.busy[cid] -= 1
+                self.tick(cid)
+
+
+def _spans(events: list[Any]) -> dict[Any, tuple[int, int]]:
+    """Per topic-partition of a micro-batch (Faust ``TP``), its first and last offsets, in one pass.
+    A partition's events arrive in offset order."""
+    out: dict[Any, tuple[int, int]] = {}
+    for ev in events:
+        m = ev.message
+        tp = m.tp
+        span = out.get(tp)
+        out[tp] = (m.offset, m.offset) if span is None else (span[0], m.offset)
+    return out
+
+
+def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker") -> tuple[faust.App, LabloopWorker]:
+    """Build the Faust app and its agents for a broker at ``bootstrap`` (``host:port[,...]``)."""
+    from labloop.streams import faust_transport
+
+    brokers = [f"{faust_transport.SCHEME}://{b.strip()}" for b in bootstrap.split(",") if b.strip()]
+    app = faust.App(
+        app_id, broker=brokers, broker_credentials=_credentials(settings),
+        datadir=str(settings.data_dir / "faust"),  # not the current directory
+        value_serializer="raw", key_serializer="raw", web_enabled=False,
+        topic_allow_declare=False,  # topics are created up front from the catalogue
+        topic_disable_leader=True, broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
+        consumer_auto_offset_reset="earliest", producer_linger_ms=5, processing_guarantee="at_least_once",
+        stream_buffer_maxsize=max(4096, settings.worker_batch * 2),
+    )
+    app.labloop_fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms  # type: ignore[attr-defined]  # streams.faust_transport reads it
+    w = LabloopWorker(app, settings)
+    n, within = settings.worker_batch, settings.worker_batch_window_s
+
+    def agent(role: str, handler: Any) -> None:
+        async def run(stream: Any) -> None:
+            async for events in stream.take_events(n, within=within):
+                t0 = time.perf_counter()
+                batch = list(events)
+                tps = _spans(batch)
+                spans = [(tp.topic, tp.partition, first, last) for tp, (first, last) in tps.items()]
+                w.progress.handling(spans)
+                await w.guarded(handler, batch, role)
+                w.progress.handled(spans)
+                if role in ("readings", "plates"):
+                    w.observe_lag(tps)
+                log.debug("%s: %d events in %.3fs", role, len(events), time.perf_counter() - t0)
+
+        run.__name__ = f"on_{role}"
+        app.agent(w.topics[role], name=f"labloop.{role}")(run)
+
+    for role, handler in (("campaigns", w.on_campaigns), ("compounds", w.on_compounds), ("readings", w.on_readings),
+                          ("plates", w.on_plates), ("status", w.on_status)):
+        agent(role, handler)
+    app.timer(interval=2.0)(w.on_timer)
+    if settings.checkpoint_interval_s > 0:
+        app.timer(interval=settings.checkpoint_interval_s)(w.checkpoint)
+    return app, w
+
+
