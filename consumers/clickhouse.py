@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
+
 from labloop.consumers.errors import SinkError
 from labloop.consumers.kafka import make_consumer
 from labloop.schemas import TOPICS, Codec, DecodeError

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import Producer
+
 from labloop.consumers.errors import BadRow
 from labloop.consumers.virtual_lab import open_text
 from labloop.schemas import TOPICS, Codec

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+
 from labloop.consumers.errors import BadRow
 from labloop.consumers.robot import Measurement, RobotClient
 from labloop.schemas.types import Record

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
 from labloop.models.errors import UnknownName
 
 __all__ = ["POLICIES", "Greedy", "Policy", "RandomPolicy", "Thompson", "UCB", "make_policy"]

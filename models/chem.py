@@ -12,9 +12,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from labloop.models.errors import InvalidMolecule
 from rdkit import Chem, RDLogger
 from rdkit.Chem import rdFingerprintGenerator
+
+from labloop.models.errors import InvalidMolecule
 
 __all__ = ["FeatureSpec", "featurize", "featurize_mols", "parse_many", "parse_smiles", "quiet_rdkit"]
 

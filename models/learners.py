@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from labloop.models.errors import InvalidTarget, ModelError, NotFitted, UnknownName
 
 # torch flags CSR tensors as beta; labloop uses only CSR @ dense, which is stable.

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from labloop.models.acquisition import Policy, RandomPolicy, make_policy
 from labloop.models.learners import OnlineLearner, RowPacker, make_learner, unpack_rows
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from labloop.models.errors import ModelError
 
 __all__ = ["StateError", "dumps", "flatten", "loads", "pack_strings", "unflatten", "unpack_strings"]

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import fastavro
 from fastavro.schema import to_parsing_canonical_form
+
 from labloop.schemas.errors import SchemaError, TruncatedPayload, UnknownFraming, UnknownSchema, WrongSchema
 from labloop.schemas.types import Record
 

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
+
 from labloop.consumers.virtual_lab import open_text
 from labloop.models import FeatureSpec, PoolState, TopK, calibration, parse_many, round_targets, topk_measures
 from labloop.models.chem import featurize_mols
 from labloop.schemas import LabloopError
 from labloop.streams.datasets import Dataset
 from labloop.streams.definition import DEFAULT_LEARNER, DEFAULT_POLICY
-from rich.console import Console
-from rich.table import Table
 
 __all__ = ["ALConfig", "BenchInputError", "load_csv", "run_bench"]
 

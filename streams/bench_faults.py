@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
+
 from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab, connect
 from labloop.consumers.clickhouse import TABLES
 from labloop.consumers.kafka import make_consumer, make_producer
@@ -40,8 +43,6 @@ from labloop.streams.datasets import enamine10k
 from labloop.streams.definition import CampaignSpec
 from labloop.streams.runtime import Stack, free_port
 from labloop.streams.settings import Settings
-from rich.console import Console
-from rich.table import Table
 
 __all__ = ["FaultBenchConfig", "POISON_KINDS", "print_fault_bench", "run_fault_bench"]
 

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
+
 from labloop.consumers.kafka import make_consumer, make_producer
 from labloop.schemas import TOPICS, Codec
 from labloop.streams.campaign import now_ms
@@ -33,8 +36,6 @@ from labloop.streams.datasets import enamine10k
 from labloop.streams.definition import CampaignSpec
 from labloop.streams.runtime import Stack
 from labloop.streams.settings import Settings
-from rich.console import Console
-from rich.table import Table
 
 __all__ = ["StreamBenchConfig", "run_stream_bench"]
 

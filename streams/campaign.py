@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from labloop.models import PoolState
 from labloop.models.learners import pack_rows, unpack_rows
 from labloop.models.loop import FAILED, MEASURED, PENDING

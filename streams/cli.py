@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
 from labloop.schemas import LabloopError
 from labloop.streams.definition import DEFAULT_LEARNER, DEFAULT_POLICY, CampaignSpec
 from labloop.streams.settings import Settings, load_settings
-from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(help="labloop: a lab-in-the-loop for drug discovery on Kafka, Faust and ClickHouse.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -84,6 +85,7 @@ def worker() -> None:
 
     import torch
     from faust.worker import Worker
+
     from labloop.streams.worker import create_app
 
     s = _settings()
@@ -91,6 +93,7 @@ def worker() -> None:
     fit_threads = max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(fit_threads)
     from confluent_kafka.admin import AdminClient
+
     from labloop.streams.checkpoint import CheckpointStore
     from labloop.streams.recovery import rebuild
 
@@ -184,8 +187,6 @@ def campaign(
     from labloop.consumers.kafka import make_producer
     from labloop.consumers.publisher import publish_records
     from labloop.streams.campaign import now_ms
-    from labloop.streams.definition import CampaignSpec
-
     from labloop.streams.definition import AssayRange
 
     parsed = []

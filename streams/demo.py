@@ -14,6 +14,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
 from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab
 from labloop.consumers.kafka import make_consumer, make_producer
 from labloop.consumers.publisher import publish_records
@@ -25,9 +29,6 @@ from labloop.streams.definition import DEFAULT_LEARNER, DEFAULT_POLICY, Campaign
 from labloop.streams.runtime import Stack
 from labloop.streams.settings import Settings
 from labloop.streams.sql import analyst_client
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 __all__ = ["DemoFailed", "run_demo", "run_on_stack"]
 

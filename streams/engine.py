@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
+
 from labloop.models.learners import OnlineLearner
 from labloop.schemas import InvalidEvent
 from labloop.schemas.types import Record

@@ -31,6 +31,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+
 from labloop.models.learners import OnlineLearner, make_learner
 from labloop.schemas import LabloopError
 

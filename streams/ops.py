@@ -9,6 +9,7 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Producer
+
 from labloop.schemas import Codec, DecodeError, LabloopError
 
 __all__ = ["DeadLetterRef", "NotFound", "dead_letters", "explain", "replay"]

@@ -21,6 +21,7 @@ from collections import defaultdict
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
+
 from labloop.models import FeatureSpec, ModelError, parse_many
 from labloop.models.chem import featurize_mols
 from labloop.schemas import TOPICS, Codec, LabloopError

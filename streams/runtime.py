@@ -21,6 +21,7 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
+
 from labloop.schemas import TOPICS, LabloopError, TopicSpec
 from labloop.streams.settings import Settings
 

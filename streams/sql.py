@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from clickhouse_connect.driver.client import Client
+
 from labloop.consumers import connect
 from labloop.streams.runtime import port_in_use
 from labloop.streams.settings import Settings

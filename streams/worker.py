@@ -36,6 +36,7 @@ from typing import Any
 import faust
 import numpy as np
 from faust.exceptions import ConsumerNotStarted
+
 from labloop.models import FeatureSpec, ModelError, parse_many
 from labloop.models.chem import featurize_mols
 from labloop.models.learners import pack_rows

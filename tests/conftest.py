@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from labloop.schemas import Codec
 from labloop.streams.runtime import EmbeddedBroker, Stack, free_port
 from labloop.streams.settings import Settings

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from labloop.streams.bench_al import ALConfig, BenchInputError, load_csv, run_bench
 
 DATA = Path(__file__).parent / "data" / "tpsa_300.csv"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.console import Console
+
 from labloop.streams.bench_faults import FaultBenchConfig, run_fault_bench
 from labloop.streams.settings import Settings
-from rich.console import Console
 
 
 def test_nothing_lost_nothing_doubled_under_kills_duplicates_and_poison(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from labloop.models.state import dumps, loads
 from labloop.streams.campaign import CampaignRuntime
 from labloop.streams.checkpoint import CheckpointError, CheckpointStore

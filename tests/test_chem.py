@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from labloop.models import FeatureSpec, InvalidMolecule, featurize, parse_many, parse_smiles
 from labloop.models.chem import featurize_mols
 

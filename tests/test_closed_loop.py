@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab
 from labloop.consumers.kafka import make_consumer, make_producer
 from labloop.consumers.publisher import compound_rows, publish_records

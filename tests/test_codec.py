@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastavro.schema import fingerprint, to_parsing_canonical_form
+
 from labloop.schemas import SCHEMA_DIR, Codec, SchemaError
 from labloop.schemas.codec import crc64_avro
 from labloop.schemas.errors import TruncatedPayload, UnknownFraming, UnknownSchema, WrongSchema
@@ -179,6 +180,7 @@ def test_older_writer_in_history_is_read_as_current(tmp_path: Path, codec: Codec
 def test_the_numpy_prediction_writer_reads_like_the_codec(codec: Codec) -> None:
     """The fast path for pool rescoring writes the same bytes as fastavro, chunked, ids of any length."""
     import numpy as np
+
     from labloop.streams.campaign import PREDICTION_CHUNK, PredictionWriter
 
     rng = np.random.default_rng(1)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+
 from labloop.models import OnlineLearner, make_learner, make_policy
 from labloop.models.acquisition import POLICIES
 from labloop.models.errors import NotFitted, UnknownName

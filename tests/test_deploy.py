@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from typer.main import get_command
+
 from labloop.streams.cli import app
 from labloop.streams.settings import Settings
-from typer.main import get_command
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 

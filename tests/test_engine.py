@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from labloop.models import featurize
 from labloop.models.state import dumps, loads
 from labloop.schemas import InvalidEvent

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from labloop.consumers import connect
 from labloop.consumers.kafka import make_producer
 from labloop.schemas import TOPICS, Codec

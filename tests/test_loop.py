@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from labloop.models import PoolState, TopK, round_targets, topk_measures
 from labloop.models.loop import AVAILABLE, FAILED, MEASURED, PENDING
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+
 from labloop.models.learners import make_learner
 from labloop.models.loop import PoolState
 from labloop.models.state import dumps, loads

@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from labloop.consumers.kafka import make_producer
 from labloop.schemas import TOPICS
 from labloop.streams.faust_transport import set_fetch_max_wait

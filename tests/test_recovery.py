@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab, connect
 from labloop.consumers.kafka import make_consumer, make_producer
 from labloop.consumers.publisher import compound_rows, publish_records

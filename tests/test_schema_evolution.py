@@ -14,6 +14,7 @@ import fastavro
 import pytest
 from fastavro.schema import to_parsing_canonical_form
 from fastavro.utils import generate_many
+
 from labloop.consumers.kafka import make_producer
 from labloop.schemas import SCHEMA_DIR, TOPICS, Codec
 from labloop.schemas.codec import crc64_avro
