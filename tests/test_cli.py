@@ -115,11 +115,18 @@ def test_a_user_mistake_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
 def test_the_wheel_installs_one_namespace_only(tmp_path: Path) -> None:
     """`pip install .` puts only `labloop` (and its metadata) into site-packages: no top-level
     `models`, `schemas`, `streams` or `consumers` to collide with other projects."""
+    import shutil
     import zipfile
 
     root = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"  # a copy, so that the build leaves nothing in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for pkg in ("schemas", "models", "streams", "consumers"):
+        shutil.copytree(root / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+                          str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = tmp_path.glob("labloop-*.whl")
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
