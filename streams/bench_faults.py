@@ -35,8 +35,8 @@ from rich.console import Console
 from rich.table import Table
 
 from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab, connect
-from labloop.consumers.clickhouse import TABLES
 from labloop.consumers.kafka import make_consumer, make_producer
+from labloop.consumers.tables import TABLES
 from labloop.schemas import TOPICS, Codec
 from labloop.streams.campaign import now_ms
 from labloop.streams.datasets import enamine10k
@@ -142,12 +142,12 @@ class _Faults:
                 self.stack.kill("sink")
                 self.kills["sink_sigkill"] += 1
                 # Its replacement SIGKILLs itself while its second insert runs, before that commit.
-                self.stack.restart("sink", LABLOOP_SINK_KILL_DURING_INSERT="2")
+                self.stack.restart("sink", module="labloop.streams.faults", args=("sink", "--kill-during-insert", "2"))
                 self.armed_sink = True
         sink = next(p for p in self.stack.procs if p.name == "sink")
         if self.armed_sink and sink.proc.poll() is not None:
             self.kills["sink_killed_mid_insert"] += 1
-            self.stack.restart("sink", LABLOOP_SINK_KILL_DURING_INSERT="0")
+            self.stack.restart("sink", args=("sink",))
             self.armed_sink = False
         for p in self.stack.procs:  # anything else that died is a failure of the run, not a planned fault
             if p.proc.poll() is not None and not (p.name == "sink" and self.armed_sink):
@@ -160,7 +160,7 @@ class _Faults:
             self.step()
             time.sleep(0.2)
         if self.armed_sink:  # never reached its second insert: count nothing, just restart it clean
-            self.stack.restart("sink", LABLOOP_SINK_KILL_DURING_INSERT="0")
+            self.stack.restart("sink", args=("sink",))
             self.armed_sink = False
 
 

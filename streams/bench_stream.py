@@ -254,7 +254,8 @@ def _sink_phase(stack: Stack, codec: Codec, console: Console) -> tuple[float, fl
     """Sink rows/s over everything published so far vs one Arrow insert of the readings."""
 
     from labloop.consumers import ClickHouseSink, connect, create_tables
-    from labloop.consumers.clickhouse import TABLES, _Batch
+    from labloop.consumers.columns import Batch
+    from labloop.consumers.tables import TABLES
 
     with tempfile.TemporaryDirectory() as d:
         client = connect(f"chdb://{d}/chdb", "labloop")
@@ -266,7 +267,7 @@ def _sink_phase(stack: Stack, codec: Codec, console: Console) -> tuple[float, fl
         rows = sum(sink.rows_inserted.values())
         # The ceiling: the same readings rows, already columnar, in one Arrow insert.
         table = TABLES["readings"]
-        b = _Batch(table, "raw")
+        b = Batch(table, "raw")
         c = make_consumer(stack.kafka_config, f"bench-raw-{time.monotonic_ns()}")
         c.subscribe([TOPICS["plates"].name])
         idle = time.monotonic()

@@ -121,26 +121,9 @@ def worker() -> None:
 @app.command(hidden=True)
 def sink() -> None:
     """Run the ClickHouse sink (started by `labloop up`); serves HTTP when ClickHouse is embedded."""
-    from labloop.consumers import ClickHouseSink, HttpBridge, connect, create_tables
+    from labloop.streams.services import run_sink
 
-    s = _settings()
-    client = connect(s.clickhouse_target, s.clickhouse_database)
-    create_tables(client)
-    snk = ClickHouseSink(client, _kafka(s), _codec(s), batch_rows=s.sink_batch_rows, flush_s=s.sink_flush_s,
-                         session_timeout_s=s.kafka_session_timeout_s, exactly_once=s.sink_exactly_once,
-                         dedup_keys=s.sink_dedup_keys, crash_after_inserts=s.sink_crash_after_inserts,
-                         kill_during_insert=s.sink_kill_during_insert)
-    bridge = HttpBridge(client, snk.lock, s.clickhouse_http_port, s.clickhouse_database).start() \
-        if s.embedded_clickhouse else None
-    signal.signal(signal.SIGTERM, lambda *_: snk.stop())
-    try:
-        snk.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if bridge:
-            bridge.stop()
-        client.close()
+    run_sink(_settings())
 
 
 @app.command()

@@ -138,6 +138,9 @@ class EmbeddedBroker:
         self.stop()
 
 
+CLI = "labloop.streams.cli"
+
+
 @dataclass
 class _Proc:
     name: str
@@ -145,6 +148,7 @@ class _Proc:
     proc: subprocess.Popen[bytes]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    module: str = CLI
 
 
 @dataclass
@@ -185,14 +189,14 @@ class Stack:
             env[f"LABLOOP_{name.upper()}"] = str(value.resolve() if isinstance(value, Path) else value)
         return env
 
-    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> _Proc:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None, module: str = CLI) -> _Proc:
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         path = logs / f"{name}.log"
         fh = open(path, "ab")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen([sys.executable, "-m", "labloop.streams.cli", *args], env={**self._env(), **(env or {})},
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], env={**self._env(), **(env or {})},
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        p = _Proc(name, args, proc, path, env or {})
+        p = _Proc(name, args, proc, path, env or {}, module)
         self.procs.append(p)
         return p
 
@@ -218,15 +222,18 @@ class Stack:
             self._spawn(f"worker-{i}", "worker", env={"LABLOOP_WORKER_ID": str(i)})
         return self
 
-    def restart(self, name: str, **env: str) -> None:
+    def restart(self, name: str, *, module: str | None = None, args: tuple[str, ...] | None = None, **env: str) -> None:
         """Start a child again under the same name (after it died or was killed); ``env`` adds
-        ``LABLOOP_*`` variables to the ones it was started with."""
+        ``LABLOOP_*`` variables to the ones it was started with. ``module`` and ``args`` run
+        another entry point in its place (the fault bench's faulty sink), until the next restart
+        that names its own."""
         old = next(p for p in self.procs if p.name == name)
         if old.proc.poll() is None:
             old.proc.kill()
             old.proc.wait()
         self.procs.remove(old)
-        self._spawn(name, *old.args, env={**old.env, **env})
+        self._spawn(name, *(args if args is not None else old.args), env={**old.env, **env},
+                    module=module or (old.module if args is None else CLI))
 
     def kill(self, name: str) -> None:
         """SIGKILL a child (no goodbye) and wait for it to die."""

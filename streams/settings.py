@@ -52,8 +52,6 @@ class Settings(BaseSettings):
     sink_flush_s: float = 0.5
     sink_exactly_once: bool = Field(True, description="skip rows already stored after a crash; dedup tokens (off only for fault-test controls)")
     sink_dedup_keys: int = Field(1_000_000, description="natural keys remembered per table: the window for re-sent events")
-    sink_crash_after_inserts: int = Field(0, description="fault injection for tests: exit after this many inserts, before the commit")
-    sink_kill_during_insert: int = Field(0, description="fault injection for tests: SIGKILL the sink while its n-th insert runs")
     backlog_messages: int = Field(1000, description="inputs further behind than this count as a backlog")
     backlog_fit_share: float = Field(0.25, gt=0, le=1, description="under a backlog, fits take at most this share of the time (1 = no pacing)")
     model_process: bool = Field(True, description="fit in a child process (false: on a thread of the worker)")

@@ -45,17 +45,19 @@ def backlog(codec: Codec) -> Iterator[tuple[EmbeddedBroker, int]]:
         yield broker, N_PLATES * PLATE
 
 
-def _sink(broker: EmbeddedBroker, data: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
+def _sink(broker: EmbeddedBroker, data: Path, port: int, *faults: str, **env: str) -> subprocess.Popen[bytes]:
+    """A sink process; ``faults``: arguments of the fault-injecting sink (labloop.streams.faults)."""
     e = {**os.environ, "LABLOOP_KAFKA_BOOTSTRAP": broker.bootstrap, "LABLOOP_DATA_DIR": str(data),
          "LABLOOP_CLICKHOUSE_HTTP_PORT": str(port), "LABLOOP_SINK_BATCH_ROWS": "4000", "LABLOOP_SINK_FLUSH_S": "0.2",
          **{f"LABLOOP_{k.upper()}": v for k, v in env.items()}}
-    return subprocess.Popen([sys.executable, "-m", "labloop.streams.cli", "sink"], env=e, stdout=subprocess.DEVNULL,
+    module = "labloop.streams.faults" if faults else "labloop.streams.cli"
+    return subprocess.Popen([sys.executable, "-m", module, "sink", *faults], env=e, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
 def _crash_then_recover(broker: EmbeddedBroker, tmp_path: Path, want: int, **env: str) -> tuple[int, int]:
     port = free_port()
-    first = _sink(broker, tmp_path, port, sink_crash_after_inserts="1", **env)
+    first = _sink(broker, tmp_path, port, "--crash-after-inserts", "1", **env)
     assert first.wait(90) == 17  # died right after its first insert, before committing its offsets
     # More plates arrive meanwhile: the restarted sink re-reads the first batch inside a larger one,
     # so neither a block hash nor a token can recognise it; only what is stored can.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from labloop.consumers.clickhouse import TABLES, _Batch, _Seen
+from labloop.consumers.columns import Batch as _Batch
+from labloop.consumers.columns import Seen as _Seen
+from labloop.consumers.tables import TABLES
 
 REC = {"request_id": "r", "campaign_id": "c", "compound_id": "x", "status": "ACCEPTED", "robot_id": "b",
        "reason": None, "event_time": 0}

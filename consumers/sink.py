@@ -1,0 +1,191 @@
+"""The ClickHouse sink: every topic into its table, exactly once.
+
+The sink consumes all catalogue topics, turns events into columns, inserts one columnar batch
+per table, and commits Kafka offsets only after ClickHouse acknowledged the insert
+(at-least-once). Each insert holds a contiguous offset range per topic-partition and lands
+whole, and carries a deterministic ``insert_deduplication_token`` built from those ranges, so
+re-reading the same range after a crash inserts nothing twice. Events re-sent with new offsets
+(an instrument re-publishing a reading, a worker re-emitting after a crash) are dropped by
+natural key (:class:`~labloop.consumers.columns.Seen`).
+
+Fault injection is not a setting: a caller (a test, ``labloop bench faults``) passes
+``on_insert``, called before each insert and after it, before its offsets are committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from labloop.consumers.columns import Batch, Seen
+from labloop.consumers.errors import SinkError
+from labloop.consumers.kafka import make_consumer
+from labloop.consumers.tables import SCHEMAS_OF_TOPIC, TABLE_OF_TOPIC, TABLES, Table
+from labloop.schemas import TOPICS, Codec, DecodeError
+
+__all__ = ["ClickHouseSink", "InsertHook"]
+
+log = logging.getLogger("labloop.sink")
+
+InsertHook = Callable[[int, str], None]  # (insert number from 1, "before" | "after"): fault injection
+
+class ClickHouseSink:
+    """Kafka -> ClickHouse, one table per topic.
+
+    Args:
+        client: clickhouse-connect client (chDB or server), database selected.
+        kafka_config: confluent-kafka settings (bootstrap, security).
+        codec: decoder for every topic.
+        group_id: consumer group (offsets committed after inserts).
+        batch_rows, flush_s: flush when a table holds this many rows or this long passed.
+        exactly_once: skip what is already stored (by offset after a crash, by natural key when
+            re-sent); off only for the negative control of fault tests.
+        dedup_keys: natural keys remembered per table (the window for re-sent events).
+        on_insert: called with the insert's number and ``"before"`` / ``"after"`` around each
+            insert (after: acknowledged, offsets not yet committed); fault injection for tests.
+    """
+
+    def __init__(self, client: Client, kafka_config: dict[str, str], codec: Codec, group_id: str = "labloop-sink",
+                 batch_rows: int = 50_000, flush_s: float = 0.5, session_timeout_s: float = 6.0,
+                 exactly_once: bool = True, dedup_keys: int = 1_000_000, on_insert: InsertHook | None = None) -> None:
+        self.client = client
+        self.codec = codec
+        self.lock = threading.Lock()  # chDB is shared with the HTTP bridge threads
+        self.consumer = make_consumer(kafka_config, group_id, session_timeout_s)
+        self.batch_rows, self.flush_s = batch_rows, flush_s
+        import pandas  # noqa: F401 - clickhouse-connect imports it lazily on the first insert: pay that at start
+        self.rows_inserted: dict[str, int] = defaultdict(int)
+        self.skipped = 0
+        self.already_stored = 0  # messages re-read after a restart whose rows were already in ClickHouse
+        self.exactly_once = exactly_once
+        self.seen = Seen(dedup_keys) if exactly_once else None
+        self.on_insert = on_insert
+        self._inserts = 0
+        self._cluster = ""
+        self._stored: dict[tuple[str, str, int], int] = {}  # (table, topic, partition) -> last offset stored
+        self.last_flush_at = 0.0  # perf_counter() after the last insert was acknowledged
+        self.assigned_at = 0.0  # perf_counter() when the group gave this sink its partitions
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, idle_exit_s: float | None = None) -> None:
+        """Consume until :meth:`stop` (or ``idle_exit_s`` without messages)."""
+        cluster = self._cluster = self.consumer.list_topics(timeout=30).cluster_id or ""
+        self.consumer.subscribe([t.name for t in TOPICS.values()], on_assign=self._on_assign)
+        batches: dict[str, Batch] = {}
+        offsets: dict[tuple[str, int], int] = {}
+        last_flush = last_msg = time.monotonic()
+        assigned = False
+        try:
+            while not self._stop.is_set():
+                msgs = self.consumer.consume(10_000, 0.2)
+                if not assigned and self.consumer.assignment():
+                    assigned, last_msg = True, time.monotonic()  # idle time counts from the join
+                    self.assigned_at = time.perf_counter()
+                for m in msgs:
+                    if m.error():
+                        log.warning("consumer error: %s", m.error())
+                        continue
+                    last_msg = time.monotonic()
+                    topic, part, off = str(m.topic()), int(m.partition() or 0), int(m.offset() or 0)
+                    offsets[(topic, part)] = off + 1
+                    table = TABLE_OF_TOPIC.get(topic)
+                    if table is None:
+                        continue
+                    if self.exactly_once and off <= self._stored.get((table.name, topic, part), -1):
+                        self.already_stored += 1  # inserted before a crash, its offset not yet committed
+                        continue
+                    try:
+                        rec = self.codec.decode(m.value() or b"", expect=SCHEMAS_OF_TOPIC[topic]).record
+                    except DecodeError as exc:
+                        # The worker dead-letters its inputs; the sink only records that it skipped.
+                        self.skipped += 1
+                        log.warning("skipped %s[%d]@%d: %s", topic, part, off, exc)
+                        continue
+                    ts = m.timestamp()[1]
+                    batch = batches.setdefault(table.name, Batch(table, cluster))
+                    batch.add(rec, topic, part, off, ts, self.seen)
+                    if batch.size >= self.batch_rows:
+                        # One poll can hold 10,000 plates; flushing here keeps every insert below
+                        # ClickHouse's max_insert_block_size, so it lands as one block (all or nothing),
+                        # which is what resuming after the largest stored offset relies on.
+                        self._flush(batches, offsets)
+                        batches, offsets, last_flush = {}, {}, time.monotonic()
+                now = time.monotonic()
+                if offsets and now - last_flush >= self.flush_s:
+                    self._flush(batches, offsets)
+                    batches, offsets, last_flush = {}, {}, now
+                if idle_exit_s is not None and assigned and now - last_msg > idle_exit_s:
+                    break
+            if offsets:
+                self._flush(batches, offsets)
+        finally:
+            self.consumer.close()
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        """Before reading newly assigned partitions: what of them is already in ClickHouse?
+
+        Each insert holds a contiguous offset range per topic-partition and lands whole, so
+        the largest ``_offset`` stored per table, topic and partition (of this cluster) is
+        exactly where a restarted or rebalanced sink must resume inserting: offsets are
+        committed only after the insert, and a crash in between re-reads rows already stored.
+        """
+        log.debug("assigned %d partition(s); loading what is already stored", len(partitions))
+        if self.exactly_once:
+            with self.lock:
+                for t in TABLES.values():
+                    rows = self.client.query(f"SELECT _topic, _partition, max(_offset) FROM {t.name} "
+                                             f"WHERE _cluster = {{c:String}} GROUP BY _topic, _partition",
+                                             parameters={"c": self._cluster}).result_rows
+                    for topic, part, off in rows:
+                        self._stored[(t.name, topic, int(part))] = int(off)
+                    if self.seen is not None and t.key:
+                        self._load_keys(t)
+        consumer.assign(partitions)  # a callback that does not assign leaves the consumer with nothing
+
+    def _load_keys(self, t: Table) -> None:
+        """Remember the natural keys this cluster's rows already hold (the latest ``cap`` of them)."""
+        assert self.seen is not None
+        types = dict(t.columns)
+        cols = [f"toUnixTimestamp64Milli(`{c}`)" if types[c].startswith("DateTime64") else f"`{c}`" for c in t.key]
+        rows = self.client.query(f"SELECT {', '.join(cols)} FROM {t.name} WHERE _cluster = {{c:String}} "
+                                 f"ORDER BY _offset DESC LIMIT {self.seen.cap}", parameters={"c": self._cluster}).result_rows
+        self.seen.add(t.name, (r[0] for r in rows) if len(cols) == 1 else (tuple(r) for r in rows))
+
+    def _flush(self, batches: dict[str, Batch], offsets: dict[tuple[str, int], int]) -> None:
+        from confluent_kafka import TopicPartition
+
+        for b in batches.values():
+            if not b.size:
+                continue
+            table = b.arrow()
+            # The control mode must defeat ClickHouse's own block-hash deduplication too, or a fault test
+            # without exactly-once could not see the duplicates it is meant to detect. Measured here:
+            # chDB still drops an identical block sent with insert_deduplicate=0; a fresh token does not.
+            token = b.token() if self.exactly_once else uuid.uuid4().hex
+            settings: dict[str, Any] = {"insert_deduplication_token": token}
+            self._inserts += 1
+            if self.on_insert is not None:
+                self.on_insert(self._inserts, "before")
+            try:
+                with self.lock:
+                    self.client.insert_arrow(b.table.name, table, settings=settings)
+            except ClickHouseError as exc:
+                raise SinkError(f"insert into {b.table.name} failed: {exc}") from exc
+            self.rows_inserted[b.table.name] += b.size
+            if self.on_insert is not None:
+                self.on_insert(self._inserts, "after")
+        self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
+        self.last_flush_at = time.perf_counter()
+
+

@@ -1,0 +1,145 @@
+"""The ClickHouse table catalogue and its DDL: one table per topic, the columns each event becomes.
+
+Every table also has the provenance columns ``_cluster``, ``_topic``, ``_partition`` and
+``_offset``: where each row came from. ``Table.key`` names the natural key of a table's rows,
+by which the sink drops events re-sent at a new offset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from labloop.consumers.errors import SinkError
+from labloop.schemas import TOPICS
+from labloop.schemas.types import Record
+
+__all__ = ["PROVENANCE", "ROWS_OF_TOPIC", "SCHEMAS_OF_TOPIC", "TABLES", "TABLE_OF_TOPIC", "Columns", "Table", "connect",
+           "create_tables"]
+
+_QUAL = {"EQ": "=", "LT": "<", "GT": ">"}
+PROVENANCE = [("_cluster", "LowCardinality(String)"), ("_topic", "LowCardinality(String)"), ("_partition", "UInt16"),
+               ("_offset", "UInt64")]
+
+
+@dataclass(frozen=True)
+class Table:
+    """A ClickHouse table: columns ``(name, type)``, sort key, how a record becomes rows, and
+    ``key``, the columns that identify a row (an event re-sent with the same key is stored once;
+    empty = rows are not deduplicated by content)."""
+
+    name: str
+    columns: list[tuple[str, str]]
+    order_by: str
+    rows: Callable[[Record], Columns]
+    key: tuple[str, ...] = ()
+
+
+# A columnizer turns one event into ``(n_rows, columns)``: each column a list of n values,
+# or one value shared by all n rows (a plate's campaign, say). Building columns with one
+# comprehension each, instead of a dict per row, is what lets the sink keep up with plates.
+Columns = tuple[int, dict[str, Any]]
+
+
+def _same(r: Record) -> Columns:
+    return 1, r
+
+
+def _reading(r: Record) -> Columns:
+    return 1, {**r, "qualifier": _QUAL[r["qualifier"]], "plate_id": None, "well": None}
+
+
+def _plate(p: Record) -> Columns:
+    wells = p["wells"]
+    return len(wells), {
+        "reading_id": [w["reading_id"] for w in wells], "compound_id": [w["compound_id"] for w in wells],
+        "value": [w["value"] for w in wells], "qualifier": [_QUAL[w["qualifier"]] for w in wells],
+        "request_id": [w["request_id"] for w in wells], "well": [w["well"] for w in wells],
+        "campaign_id": p["campaign_id"], "assay_id": p["assay_id"], "unit": p["unit"],
+        "instrument_id": p["instrument_id"], "plate_id": p["plate_id"], "event_time": p["event_time"],
+        "ingest_time": p["ingest_time"]}
+
+
+def _prediction(p: Record) -> Columns:
+    items = p["items"]
+    return len(items), {
+        "compound_id": [it["compound_id"] for it in items], "mean": [it["mean"] for it in items],
+        "std": [it["std"] for it in items], "campaign_id": p["campaign_id"], "model_version": p["model_version"],
+        "assay_id": p["assay_id"], "event_time": p["event_time"]}
+
+
+TS = "DateTime64(3, 'UTC')"
+S, LS = "String", "LowCardinality(String)"
+TABLES: dict[str, Table] = {t.name: t for t in (
+    Table("campaigns", [("campaign_id", S), ("objective_assay_id", LS), ("direction", LS), ("unit", LS),
+                        ("batch_size", "Int32"), ("init_size", "Int32"), ("budget", "Int32"), ("min_pool_size", "Int64"),
+                        ("policy", LS), ("learner", LS), ("schedule", LS), ("request_ttl_s", "Float64"),
+                        ("seed", "Int64"), ("event_time", TS)], "(campaign_id, event_time)", _same, ("campaign_id", "event_time")),
+    Table("compounds", [("campaign_id", S), ("compound_id", S), ("smiles", S), ("source", LS), ("event_time", TS),
+                        ("ingest_time", TS)], "(campaign_id, compound_id)", _same, ("campaign_id", "compound_id")),
+    Table("readings", [("reading_id", S), ("campaign_id", S), ("compound_id", S), ("assay_id", LS),
+                       ("value", "Float64"), ("unit", LS), ("qualifier", LS), ("request_id", "Nullable(String)"),
+                       ("instrument_id", LS), ("plate_id", "Nullable(String)"), ("well", "Nullable(String)"),
+                       ("event_time", TS), ("ingest_time", TS)], "(campaign_id, assay_id, compound_id, event_time)", _reading,
+          ("reading_id",)),
+    Table("predictions", [("campaign_id", S), ("model_version", "Int64"), ("assay_id", LS), ("compound_id", S),
+                          ("mean", "Float64"), ("std", "Float64"), ("event_time", TS)],
+          "(campaign_id, model_version, compound_id)", _prediction),  # derived, and versions are never reused: no key
+    Table("requests", [("request_id", S), ("campaign_id", S), ("compound_id", S), ("smiles", S), ("assay_id", LS),
+                       ("priority", "Int32"), ("sequence", "Int64"), ("batch", "Int32"), ("policy", LS),
+                       ("acquisition_score", "Nullable(Float64)"), ("predicted_mean", "Nullable(Float64)"),
+                       ("predicted_std", "Nullable(Float64)"), ("model_version", "Int64"),
+                       ("trained_on", "Map(String, Int64)"), ("event_time", TS),
+                       ("expires_at", TS)], "(campaign_id, sequence)", _same, ("request_id",)),
+    Table("request_status", [("request_id", S), ("campaign_id", S), ("compound_id", S), ("status", LS),
+                             ("robot_id", LS), ("reason", "Nullable(String)"), ("event_time", TS)],
+          "(campaign_id, request_id, event_time)", _same, ("request_id", "status")),
+    Table("model_updates", [("campaign_id", S), ("model_version", "Int64"), ("learner", LS), ("device", LS),
+                            ("n_train", "Int64"), ("n_new", "Int64"), ("n_measured", "Int64"), ("n_failed", "Int64"),
+                            ("n_pending", "Int64"), ("n_requested", "Int64"), ("pool_size", "Int64"),
+                            ("best_value", "Nullable(Float64)"), ("train_s", "Float64"), ("done", "Bool"), ("n_readings", "Int64"),
+                            ("trained_on", "Map(String, Int64)"),
+                            ("event_time", TS)], "(campaign_id, model_version, event_time)", _same,
+          ("campaign_id", "model_version", "done")),
+    Table("dead_letters", [("source_topic", LS), ("source_partition", "Int32"), ("source_offset", "Int64"),
+                           ("source_key", "Nullable(String)"), ("stage", LS), ("service", LS), ("error_class", LS),
+                           ("error_message", S), ("raw", S), ("event_time", TS)],
+          "(source_topic, source_partition, source_offset)", _same,
+          ("source_topic", "source_partition", "source_offset", "error_message")),
+)}
+TABLE_OF_TOPIC = {t.name: TABLES[t.table] for t in TOPICS.values()}
+SCHEMAS_OF_TOPIC = {t.name: t.schemas for t in TOPICS.values()}
+# Topics whose events become rows differently from their table's default (plates -> one row per well).
+ROWS_OF_TOPIC: dict[str, Callable[[Record], Columns]] = {TOPICS["plates"].name: _plate}
+
+
+def connect(dsn: str, database: str | None = None) -> Client:
+    """A clickhouse-connect client for ``chdb:///path`` (in-process) or ``http(s)://...``."""
+    try:
+        client = clickhouse_connect.get_client(dsn=dsn)
+    except Exception as exc:  # clickhouse-connect raises several unrelated types on connect
+        raise SinkError(f"cannot connect to ClickHouse at {dsn}: {exc}") from exc
+    if database:
+        client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+        client.database = database
+    return client
+
+
+def create_tables(client: Client, dedup_window: int = 10_000) -> None:
+    """Create every missing table and add columns that newer schemas introduced (idempotent)."""
+    for t in TABLES.values():
+        cols = [*t.columns, *PROVENANCE]
+        client.command(f"CREATE TABLE IF NOT EXISTS {t.name} ({', '.join(f'`{n}` {typ}' for n, typ in cols)}) "
+                       f"ENGINE = MergeTree ORDER BY {t.order_by} "
+                       f"SETTINGS non_replicated_deduplication_window = {dedup_window}")
+        existing = {r[0] for r in client.query(f"SELECT name FROM system.columns WHERE database = currentDatabase() "
+                                                f"AND table = '{t.name}'").result_rows}
+        for n, typ in cols:
+            if n not in existing:
+                client.command(f"ALTER TABLE {t.name} ADD COLUMN IF NOT EXISTS `{n}` {typ}")
+
+

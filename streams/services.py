@@ -1,0 +1,38 @@
+"""The long-running services behind the CLI's hidden ``worker`` and ``sink`` commands."""
+
+from __future__ import annotations
+
+import signal
+
+from labloop.consumers import ClickHouseSink, HttpBridge, connect, create_tables
+from labloop.consumers.sink import InsertHook
+from labloop.schemas import Codec
+from labloop.streams.runtime import RuntimeFailure
+from labloop.streams.settings import Settings
+
+__all__ = ["run_sink"]
+
+
+def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> None:
+    """Run the ClickHouse sink until SIGTERM or Ctrl-C; serves ClickHouse's HTTP interface on
+    loopback when ClickHouse is the embedded chDB. ``on_insert``: fault injection (tests only)."""
+    if settings.embedded_kafka:
+        raise RuntimeFailure("the sink needs a broker: set LABLOOP_KAFKA_BOOTSTRAP (`labloop up` does)")
+    s = settings
+    client = connect(s.clickhouse_target, s.clickhouse_database)
+    create_tables(client)
+    codec = Codec(registry_url=s.schema_registry_url, registry_config=s.registry_config())
+    snk = ClickHouseSink(client, s.kafka_config(), codec, batch_rows=s.sink_batch_rows, flush_s=s.sink_flush_s,
+                         session_timeout_s=s.kafka_session_timeout_s, exactly_once=s.sink_exactly_once,
+                         dedup_keys=s.sink_dedup_keys, on_insert=on_insert)
+    bridge = HttpBridge(client, snk.lock, s.clickhouse_http_port, s.clickhouse_database).start() \
+        if s.embedded_clickhouse else None
+    signal.signal(signal.SIGTERM, lambda *_: snk.stop())
+    try:
+        snk.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if bridge:
+            bridge.stop()
+        client.close()
