@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -203,14 +204,14 @@ def test_gp_nystrom_statistics_stay_exact_through_background_landmark_redraws() 
     redraws, background = 0, 0
     for _ in range(40):
         keys = rng.integers(0, 600, 25)  # new compounds and replicates
-        job = g._redraw_job
+        job = g.nystrom.redraw
         if job is not None:
-            job[-1].result()  # let the thread finish: the next update switches
-        version = g._z_version
+            job.future.result()  # let the thread finish: the next update switches
+        version = g.nystrom.z_version
         g.update(pool[keys], truth[keys] + rng.normal(0, 0.1, 25), keys)
         g.predict(pool)
-        redraws += g._z_version != version
-        background += g._redraw_job is not None
+        redraws += g.nystrom.z_version != version
+        background += g.nystrom.redraw is not None
     assert redraws >= 3 and background >= 1  # the first draw, then redraws prepared on the thread
     scratch = TanimotoGP(device="cpu", exact_max=20, landmarks=16)
     scratch.load_state_dict(g.state_dict())  # same rows, counts and landmarks, statistics from scratch
@@ -234,10 +235,11 @@ def test_gp_pool_variance_updated_incrementally_equals_a_full_rescoring() -> Non
         keys = rng.integers(0, 800, 6)  # a few compounds, replicates among them
         g.update(pool[keys], truth[keys] + rng.normal(0, 0.1, 6), keys)
         mean, std = g.predict(pool)
-        assert g._qcache is not None
-        incremental += g._qcache[5] > 0
-        full = TanimotoGP.__new__(TanimotoGP)
-        full.__dict__.update({**g.__dict__, "_qcache": None})  # the same fit, the variance in full
+        assert g.nystrom.quadratic is not None
+        incremental += g.nystrom.quadratic.steps > 0
+        full = copy.copy(g)  # the same fit, the variance in full
+        full.nystrom = copy.copy(g.nystrom)
+        full.nystrom.quadratic = None
         mean_f, std_f = full.predict(pool)
         np.testing.assert_allclose(mean, mean_f, rtol=0, atol=0)
         np.testing.assert_allclose(std, std_f, rtol=1e-4, atol=1e-6)

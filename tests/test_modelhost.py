@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from labloop.models.gp_nystrom import NystromFit
 from labloop.models.learners import make_learner
 from labloop.models.loop import PoolState
 from labloop.models.state import dumps, loads
@@ -57,7 +58,7 @@ def test_remote_learner_predicts_exactly_as_the_local_one(host: ModelHost) -> No
         (lm, ls), (rm, rs) = local.predict_pool(), remote.predict_pool()
         np.testing.assert_allclose(rm, lm, rtol=0, atol=1e-9)
         np.testing.assert_allclose(rs, ls, rtol=0, atol=1e-9)
-    assert local.learner._fit is not None and local.learner._fit["kind"] == "nystrom"  # both paths were exercised
+    assert isinstance(local.learner._fit, NystromFit)  # both paths were exercised
 
 
 def test_checkpointed_remote_learner_moves_into_a_new_process(host: ModelHost) -> None:
