@@ -113,6 +113,14 @@ class CampaignEngine:
         rt = self._campaigns.get(campaign_id)
         return rt.take_update() if rt is not None else None
 
+    def fit(self, campaign_id: str, update: Update) -> tuple[np.ndarray, np.ndarray]:
+        """Run a model update's fit (the heavy part: on a thread, without the campaign's lock; one
+        fit per campaign at a time). Returns the pool's ``(mean, std)`` in objective units, for
+        :meth:`commit_update`."""
+        rt = self._campaigns[campaign_id]
+        assert rt.pool is not None
+        return rt.pool.fit(update.y_new, update.keys, update.X_pool)
+
     def commit_update(self, campaign_id: str, update: Update, pred: tuple[np.ndarray, np.ndarray], train_s: float,
                       device: str) -> list[Emit]:
         """Install a finished fit as the next model version; returns its ``ModelUpdate``."""

@@ -171,8 +171,8 @@ class LabloopWorker:
     def _fit_and_encode(self, rt: CampaignRuntime, update: Update, version: int) -> tuple[
             tuple[np.ndarray, np.ndarray], list[bytes]]:
         """On the model thread: update the learner, score the pool, encode the Prediction events."""
-        assert rt.pool is not None and rt.definition is not None
-        pred = rt.pool.fit(update.y_new, update.keys, update.X_pool)
+        assert rt.definition is not None
+        pred = self.engine.fit(rt.campaign_id, update)
         writer = self.prediction_writers.setdefault(rt.campaign_id, PredictionWriter(self.codec))
         return pred, writer.encode(rt.campaign_id, rt.definition.objective_assay_id, version, rt.compound_ids,
                                    pred[0], pred[1], now_ms())

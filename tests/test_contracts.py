@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ from labloop.models.acquisition import POLICIES
 from labloop.models.errors import NotFitted, UnknownName
 from labloop.models.learners import LEARNERS
 from labloop.models.state import dumps, loads
+from labloop.streams.modelhost import ModelHost
 
 # Small but real settings so the suite stays fast on 2 CPU cores.
 FAST: dict[str, dict[str, int]] = {"gp": {}, "ensemble": {"n_members": 2, "hidden": 32, "epochs": 15},
@@ -32,8 +33,59 @@ def learner(name: str) -> OnlineLearner:
     return make_learner(name.split("-")[0], device="cpu", **FAST[name])
 
 
-@pytest.fixture(params=sorted(FAST))
+class InModelProcess(OnlineLearner):
+    """A learner living in a model process (labloop.streams.modelhost), seen through the general
+    contract: rows it is given join a growing pool, as a campaign's do, and the worker's stand-in
+    (RemoteLearner) updates and scores by pool position."""
+
+    def __init__(self, host: ModelHost, local: OnlineLearner) -> None:
+        self.host, self.name = host, local.name
+        self.remote = host.adopt(f"c{id(self)}", local)
+        self.pool = np.zeros((0, 0), dtype=np.float32)
+
+    def _join(self, X: np.ndarray) -> np.ndarray:
+        start = self.pool.shape[0]
+        self.pool = X.copy() if start == 0 else np.concatenate([self.pool, X])
+        return np.arange(start, self.pool.shape[0])
+
+    def update(self, X: np.ndarray, y: np.ndarray, keys: np.ndarray | None = None) -> None:
+        X = np.asarray(X, dtype=np.float32)
+        if X.shape[0] != np.asarray(y).reshape(-1).shape[0]:
+            raise ValueError("X and y differ in length")
+        if X.shape[0]:
+            keys = self._join(X)
+            self.remote.update_from_pool(self.pool, np.asarray(y), keys)
+
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at = self._join(np.asarray(X, dtype=np.float32))
+        mean, std = self.remote.predict(self.pool)
+        return mean[at], std[at]
+
+    @property
+    def n_seen(self) -> int:
+        return self.remote.n_seen
+
+    def state_dict(self) -> dict[str, object]:
+        return self.remote.state_dict()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        local = make_learner(self.name, device="cpu")
+        local.load_state_dict(state)
+        self.remote = self.host.adopt(f"c{id(self)}-loaded", local)
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[ModelHost]:
+    h = ModelHost(threads=1)
+    yield h
+    h.close()
+
+
+@pytest.fixture(params=[*sorted(FAST), "gp-in-model-process"])
 def make(request: pytest.FixtureRequest) -> Callable[[], OnlineLearner]:
+    if request.param == "gp-in-model-process":
+        h = request.getfixturevalue("host")
+        return lambda: InModelProcess(h, learner("gp"))
     return lambda: learner(request.param)
 
 

@@ -39,10 +39,7 @@ def _run(engine: CampaignEngine, oracle: dict[str, float], log: list[tuple[str, 
     for _ in range(50):
         update = engine.take_update(CID)
         if update is not None:
-            rt = engine.get(CID)
-            assert rt is not None and rt.pool is not None
-            pred = rt.pool.fit(update.y_new, update.keys, update.X_pool)
-            out = engine.commit_update(CID, update, pred, 0.0, "cpu")
+            out = engine.commit_update(CID, update, engine.fit(CID, update), 0.0, "cpu")
         else:
             out = engine.decide(CID, "cpu")
         for e in out:
