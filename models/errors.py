@@ -21,7 +21,9 @@ class InvalidMolecule(ModelError, ValueError):
     """
 
     def __init__(self, smiles: str, reason: str = "RDKit could not parse the SMILES") -> None:
-        super().__init__(f"invalid SMILES {smiles!r}: {reason}")
+        # A hostile input can be megabytes: the message shows its start and its length only.
+        shown = repr(smiles) if len(smiles) <= 120 else f"{smiles[:100]!r}... ({len(smiles):,} characters)"
+        super().__init__(f"invalid SMILES {shown}: {reason}")
         self.smiles = smiles
         self.reason = reason
 

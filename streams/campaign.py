@@ -22,7 +22,7 @@ from labloop.schemas.codec import avro_string
 from labloop.schemas.types import Record
 from labloop.streams.definition import CampaignSpec
 
-__all__ = ["CampaignRuntime", "Emit", "PREDICTION_CHUNK", "PredictionWriter", "Raw",
+__all__ = ["CampaignRuntime", "check_plate", "check_times", "plate_error", "Emit", "PREDICTION_CHUNK", "PredictionWriter", "Raw",
            "Update", "now_ms", "unknown_campaign"]
 
 _SEEN_CHUNKS = 64  # seen_readings chunks before a checkpoint packs them into one again
@@ -120,6 +120,37 @@ class _Request:
     sequence: int
     expires_at: int
     status: str = "REQUESTED"
+
+
+# Timestamps an input may carry (ms since the epoch): from the epoch (tests and imports of old
+# data use it) to a day ahead of this clock (clock skew); ±2^63 was stored as years 0 and 9999.
+_FUTURE_MS = 86_400_000
+
+
+def check_times(record: Record, now: int) -> None:
+    """Raise :class:`InvalidEvent` unless the record's ``event_time`` and ``ingest_time`` (where it
+    has them) lie between the epoch and a day after ``now`` (ms)."""
+    for name in ("event_time", "ingest_time"):
+        t = record.get(name)
+        if t is not None and not 0 <= t <= now + _FUTURE_MS:
+            raise InvalidEvent(f"{name} {t} is outside the plausible window [0, now + 1 day] (ms since the epoch)")
+
+
+def check_plate(plate: Record, max_wells: int) -> None:
+    """Raise :class:`InvalidEvent` for a plate with more than ``max_wells`` wells."""
+    if len(plate["wells"]) > max_wells:
+        raise InvalidEvent(f"plate {plate['plate_id']!r} has {len(plate['wells']):,} wells, more than the {max_wells:,} "
+                           f"allowed")
+
+
+def plate_error(plate: Record, errors: list[InvalidEvent]) -> InvalidEvent:
+    """One error for a plate's rejected wells, naming them (a dead letter per well would carry the
+    whole plate each time: its size grows as the square of the plate's)."""
+    wells = plate["wells"]
+    if len(errors) == 1 and errors[0].index is None:  # about the whole plate (an unknown campaign, say)
+        return errors[0]
+    shown = "; ".join(str(e) for e in errors[:20]) + (f"; and {len(errors) - 20} more" if len(errors) > 20 else "")
+    return InvalidEvent(f"plate {plate['plate_id']!r}: {len(errors)} of {len(wells)} well(s) rejected: {shown}")
 
 
 def unknown_campaign(campaign_id: str, readings: list[Record]) -> InvalidEvent:

@@ -104,7 +104,7 @@ def worker() -> None:
     if s.model_process:
         w.start_models(fit_threads)
     # A replacement worker first restores what its predecessor had applied (see streams/recovery.py).
-    rebuild(w.engine, _kafka(s), group, w.codec, w.spec, w.checkpoints)
+    rebuild(w.engine, _kafka(s), group, w.codec, w.spec, w.checkpoints, w.limits, s.max_plate_wells)
     for cid in w.engine:  # the replay changed them since their snapshots: the next checkpoint re-writes them
         w.progress.touch(cid)
     w.adopt_all()

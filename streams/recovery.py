@@ -23,7 +23,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from labloop.models import FeatureSpec, ModelError, parse_many
-from labloop.models.chem import featurize_mols
+from labloop.models.chem import MoleculeLimits, featurize_mols
 from labloop.schemas import TOPICS, Codec, LabloopError
 from labloop.streams.checkpoint import CheckpointStore
 from labloop.streams.engine import CampaignEngine
@@ -74,7 +74,8 @@ def _read(c: Consumer, tps: list[TopicPartition], stops: dict[tuple[str, int], i
 
 
 def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str, codec: Codec, spec: FeatureSpec,
-            store: CheckpointStore | None = None) -> dict[str, int]:
+            store: CheckpointStore | None = None, limits: MoleculeLimits | None = None,
+            max_plate_wells: int = 1536) -> dict[str, int]:
     """Fill ``engine`` from the checkpoint in ``store`` (if any) and the topics, through the same
     engine methods the worker calls, dropping what they would emit. Returns counts of what was
     restored and applied."""
@@ -131,7 +132,7 @@ def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str,
         recs = [r for r in recs if r["compound_id"] not in known]  # featurize only what the checkpoint lacks
         if not recs:
             continue
-        mols, ok, _ = parse_many([r["smiles"] for r in recs])
+        mols, ok, _ = parse_many([r["smiles"] for r in recs], limits or MoleculeLimits())
         stats["compounds"] += engine.register(cid, [recs[i] for i in ok], featurize_mols(mols, spec))
     for _, r in by_role["requests"]:
         if engine.replay_request(r):
@@ -140,6 +141,8 @@ def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str,
         for m, r in by_role[role]:
             if not engine.defined(r["campaign_id"]):
                 continue
+            if role == "plates" and len(r["wells"]) > max_plate_wells:
+                continue  # dead-lettered whole when it first arrived
             wells = r["wells"] if role == "plates" else [r]
             engine.readings(r["campaign_id"], r["assay_id"], r["unit"], wells, [(m.topic(), m.partition(), m.offset())])
             stats["readings"] += len(wells)

@@ -184,7 +184,8 @@ class Stack:
                      "kafka_session_timeout_s", "kafka_fetch_max_wait_ms",
                      "kafka_fetch_max_wait_backlog_ms", "worker_batch", "worker_batch_window_s",
                      "sink_batch_rows", "sink_flush_s", "sink_exactly_once", "sink_dedup_keys", "checkpoint_interval_s",
-                     "model_process", "backlog_messages", "backlog_fit_share"):
+                     "model_process", "backlog_messages", "backlog_fit_share", "max_smiles_chars", "max_heavy_atoms",
+                     "max_plate_wells", "max_message_bytes"):
             value = getattr(self.settings, name)
             env[f"LABLOOP_{name.upper()}"] = str(value.resolve() if isinstance(value, Path) else value)
         return env

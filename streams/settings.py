@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     sink_flush_s: float = 0.5
     sink_exactly_once: bool = Field(True, description="skip rows already stored after a crash; dedup tokens (off only for fault-test controls)")
     sink_dedup_keys: int = Field(1_000_000, description="natural keys remembered per table: the window for re-sent events")
+    max_smiles_chars: int = Field(1000, gt=0, description="longer SMILES are dead-lettered unparsed (InvalidMolecule)")
+    max_heavy_atoms: int = Field(250, gt=0, description="molecules with more heavy atoms are dead-lettered")
+    max_plate_wells: int = Field(1536, gt=0, description="a plate with more wells is one dead letter")
+    max_message_bytes: int = Field(1_048_576, gt=0, description="larger input messages are dead-lettered undecoded")
     backlog_messages: int = Field(1000, description="inputs further behind than this count as a backlog")
     backlog_fit_share: float = Field(0.25, gt=0, le=1, description="under a backlog, fits take at most this share of the time (1 = no pacing)")
     model_process: bool = Field(True, description="fit in a child process (false: on a thread of the worker)")

@@ -38,12 +38,22 @@ import numpy as np
 from faust.exceptions import ConsumerNotStarted
 
 from labloop.models import FeatureSpec, ModelError, parse_many
-from labloop.models.chem import featurize_mols
+from labloop.models.chem import MoleculeLimits, featurize_mols
 from labloop.models.learners import pack_rows
 from labloop.models.state import dumps
-from labloop.schemas import TOPICS, Codec, LabloopError
+from labloop.schemas import TOPICS, Codec, InvalidEvent, LabloopError
 from labloop.schemas.types import Record
-from labloop.streams.campaign import CampaignRuntime, Emit, PredictionWriter, Raw, Update, now_ms
+from labloop.streams.campaign import (
+    CampaignRuntime,
+    Emit,
+    PredictionWriter,
+    Raw,
+    Update,
+    check_plate,
+    check_times,
+    now_ms,
+    plate_error,
+)
 from labloop.streams.checkpoint import CheckpointStore
 from labloop.streams.engine import CampaignEngine
 from labloop.streams.faust_transport import set_fetch_max_wait
@@ -55,6 +65,9 @@ __all__ = ["LabloopWorker", "create_app"]
 
 log = logging.getLogger("labloop.worker")
 SERVICE = "labloop-worker"
+# A dead letter keeps its message's bytes whole up to 256 KiB (a 1,536-well plate is ~80 KB), else
+# their first 64 KiB: a 1 MB message's dead letter did not fit aiokafka's produce request.
+_DEAD_LETTER_RAW_MAX, _DEAD_LETTER_RAW_KEPT = 262_144, 65_536
 
 
 def _credentials(settings: Settings) -> Any:
@@ -80,6 +93,7 @@ class LabloopWorker:
         self.settings = settings
         self.codec = Codec(registry_url=settings.schema_registry_url, registry_config=settings.registry_config())
         self.spec = FeatureSpec()
+        self.limits = MoleculeLimits(settings.max_smiles_chars, settings.max_heavy_atoms)
         self.engine = CampaignEngine(device=settings.torch_device)  # the one writer of campaign state
         self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         # One thread each: torch already uses every core for a fit, and RDKit's batch API its own threads.
@@ -142,17 +156,36 @@ class LabloopWorker:
     async def dead_letter(self, event: Any, stage: str, exc: BaseException) -> None:
         msg = event.message
         log.warning("dead letter from %s[%s]@%s (%s): %s", msg.topic, msg.partition, msg.offset, stage, exc)
+        raw = msg.value if isinstance(msg.value, bytes) else b""
+        note = ""
+        if len(raw) > _DEAD_LETTER_RAW_MAX:  # a dead letter must fit a produce request, and not be what floods the topic
+            note = f" [raw: the first {_DEAD_LETTER_RAW_KEPT:,} of {len(raw):,} bytes]"
+            raw = raw[:_DEAD_LETTER_RAW_KEPT]
         rec = {"source_topic": msg.topic, "source_partition": msg.partition, "source_offset": msg.offset,
                "source_key": msg.key if isinstance(msg.key, bytes | None) else str(msg.key).encode(),
                "stage": stage, "service": SERVICE, "error_class": type(exc).__name__,
-               "error_message": str(exc)[:2000], "raw": msg.value if isinstance(msg.value, bytes) else b"",
-               "event_time": now_ms()}
+               "error_message": str(exc)[:2000] + note, "raw": raw, "event_time": now_ms()}
         await self.topics["dead_letters"].send(key=msg.topic.encode(), value=self.codec.encode("DeadLetter", rec))
 
+    def decode(self, ev: Any, expect: tuple[str, ...], now: int) -> Record:
+        """A message's record, checked for size before decoding and for plausible timestamps after.
+
+        Raises:
+            LabloopError: a named error for the dead letter.
+        """
+        value = ev.value
+        if isinstance(value, bytes | bytearray) and len(value) > self.settings.max_message_bytes:
+            raise InvalidEvent(f"message of {len(value):,} bytes, more than the {self.settings.max_message_bytes:,} "
+                               f"allowed (LABLOOP_MAX_MESSAGE_BYTES)")
+        record = self.codec.decode(value, expect=expect).record
+        check_times(record, now)
+        return record
+
     async def decoded(self, events: list[Any], expect: tuple[str, ...]) -> AsyncIterator[tuple[Any, Record]]:
+        now = now_ms()
         for ev in events:
             try:
-                yield ev, self.codec.decode(ev.value, expect=expect).record
+                yield ev, self.decode(ev, expect, now)
             except LabloopError as exc:
                 await self.dead_letter(ev, "decode", exc)
 
@@ -355,7 +388,11 @@ class LabloopWorker:
             try:
                 await handler([ev])
             except Exception as exc:
-                await self.dead_letter(ev, "handler", exc)
+                try:
+                    await self.dead_letter(ev, "handler", exc)
+                except Exception:  # not even a dead letter could be sent: say so, and go on with the next
+                    m = ev.message
+                    log.exception("no dead letter for %s[%s]@%s either", m.topic, m.partition, m.offset)
 
     async def on_campaigns(self, events: list[Any]) -> None:
         touched = set()
@@ -379,7 +416,7 @@ class LabloopWorker:
         loop = asyncio.get_running_loop()
         for cid, items in batch.items():
             smiles = [r["smiles"] for _, r in items]
-            mols, ok, errors = await loop.run_in_executor(self.chem_pool, parse_many, smiles)
+            mols, ok, errors = await loop.run_in_executor(self.chem_pool, parse_many, smiles, self.limits)
             bad = set(range(len(items))) - set(ok)
             for pos, err in zip(sorted(bad), errors, strict=True):
                 await self.dead_letter(items[pos][0], "validate", err)
@@ -392,10 +429,10 @@ class LabloopWorker:
     async def on_readings(self, events: list[Any]) -> None:
         """Single readings: decoded in one loop, applied per campaign, assay and unit in one call."""
         by_campaign: dict[str, list[tuple[Any, Record]]] = defaultdict(list)
-        decode = self.codec.decode
+        decode, now, expect = self.decode, now_ms(), ("AssayReading",)
         for ev in events:
             try:
-                r = decode(ev.value, expect=("AssayReading",)).record
+                r = decode(ev, expect, now)
             except LabloopError as exc:
                 await self.dead_letter(ev, "decode", exc)
                 continue
@@ -430,11 +467,16 @@ class LabloopWorker:
         async for ev, plate in self.decoded(events, ("PlateReadout",)):
             cid = plate["campaign_id"]
             m = ev.message
+            try:
+                check_plate(plate, self.settings.max_plate_wells)
+            except InvalidEvent as exc:
+                await self.dead_letter(ev, "validate", exc)
+                continue
             async with self.locks[cid]:
                 errors = self.engine.readings(cid, plate["assay_id"], plate["unit"], plate["wells"],
                                               [(m.topic, m.partition, m.offset)] if self.engine.defined(cid) else [])
-            for exc in errors:
-                await self.dead_letter(ev, "validate", exc)
+            if errors:  # one dead letter for the plate, listing its bad wells
+                await self.dead_letter(ev, "validate", plate_error(plate, errors))
             if cid in self.engine:
                 touched.add(cid)
         for cid in touched:

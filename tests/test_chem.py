@@ -53,3 +53,20 @@ def test_parse_many_keeps_going_and_reports_each_bad_row() -> None:
 def test_featurize_raises_on_first_bad_smiles() -> None:
     with pytest.raises(InvalidMolecule, match="C1CC"):
         featurize(["CCO", "C1CC"])
+
+
+def test_quiet_rdkit_restores_the_log_channels_as_they_were() -> None:
+    from rdkit import rdBase
+
+    from labloop.models.chem import _log_status, quiet_rdkit
+
+    rdBase.DisableLog("rdApp.warning")
+    rdBase.EnableLog("rdApp.info")
+    try:
+        before = _log_status()
+        with quiet_rdkit():
+            assert not any(_log_status().values())
+        assert _log_status() == before  # info on and warning off, as the caller had them
+    finally:
+        rdBase.EnableLog("rdApp.warning")
+        rdBase.DisableLog("rdApp.info")
