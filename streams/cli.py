@@ -47,21 +47,41 @@ def _codec(s: Settings):  # type: ignore[no-untyped-def]
     return Codec(registry_url=s.schema_registry_url, registry_config=s.registry_config())
 
 
+def _banner(info: dict[str, object]) -> Table:
+    t = Table(title="labloop is up", show_header=False)
+    t.add_row("Kafka bootstrap", str(info["bootstrap"]) + (" (embedded Tansu, in memory)" if info["embedded_kafka"] else ""))
+    t.add_row("ClickHouse", str(info["clickhouse"]))
+    t.add_row("ClickHouse HTTP", str(info["clickhouse_http"]))
+    t.add_row("worker(s)", str(info["workers"]))
+    t.add_row("logs", str(info["logs"]))
+    t.add_row("pid", f"{info['pid']} (`labloop down` stops it)")
+    t.add_row("clients", f"export LABLOOP_KAFKA_BOOTSTRAP={info['bootstrap']}")
+    return t
+
+
 @app.command()
-def up(workers: Annotated[int, typer.Option(help="Faust worker processes")] = 1) -> None:
-    """Start the embedded stack (broker, topics, worker, ClickHouse sink) until Ctrl-C."""
-    from labloop.streams.runtime import Stack
+def up(workers: Annotated[int, typer.Option(help="Faust worker processes")] = 1,
+       detach: Annotated[bool, typer.Option("--detach", help="run in the background; `labloop down` stops it")] = False,
+       ) -> None:
+    """Start the embedded stack (broker, topics, worker, ClickHouse sink) until Ctrl-C or SIGTERM.
+
+    A child that dies is restarted with backoff; after repeated deaths the stack stops and says
+    which child and where its log is. Children die with this process, however it dies.
+    """
+    from labloop.streams.runtime import RuntimeFailure, Stack, StackLock, redact
 
     s = _settings()
-    with Stack(s, workers=workers) as stack:
-        t = Table(title="labloop is up", show_header=False)
-        t.add_row("Kafka bootstrap", stack.bootstrap + (" (embedded Tansu, in memory)" if stack.broker else ""))
-        t.add_row("ClickHouse", f"{s.clickhouse_target}")
-        t.add_row("ClickHouse HTTP", stack.clickhouse_url)
-        t.add_row("worker(s)", str(workers))
-        t.add_row("logs", str(s.data_dir / "logs"))
-        t.add_row("clients", f"export LABLOOP_KAFKA_BOOTSTRAP={stack.bootstrap}")
-        console.print(t)
+    lock = StackLock(s.data_dir)
+    if detach:
+        _detach(s, lock, workers)
+        return
+    with lock, Stack(s, workers=workers) as stack:
+        info: dict[str, object] = {
+            "bootstrap": stack.bootstrap, "embedded_kafka": stack.broker is not None,
+            "clickhouse": redact(s.clickhouse_target), "clickhouse_http": redact(stack.clickhouse_url),
+            "workers": workers, "logs": str((s.data_dir / "logs").resolve()), "started_at": time.time()}
+        lock.publish(info)
+        console.print(_banner({**info, "pid": os.getpid()}))
         stop = False
 
         def _stop(*_: object) -> None:
@@ -71,11 +91,67 @@ def up(workers: Annotated[int, typer.Option(help="Faust worker processes")] = 1)
         signal.signal(signal.SIGTERM, _stop)
         try:
             while not stop:
-                stack.check()
+                for line in stack.supervise():
+                    err.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
+        except RuntimeFailure:
+            console.print("stopping: a component cannot be kept running")
+            raise
         console.print("stopping...")
+
+
+def _detach(s: Settings, lock: object, workers: int) -> None:
+    """Start ``labloop up`` in the background, wait until it is up, print where it runs."""
+    import subprocess
+
+    from labloop.streams.runtime import RuntimeFailure, StackLock
+
+    assert isinstance(lock, StackLock)
+    if lock.held_elsewhere():
+        raise RuntimeFailure(f"labloop is already running on {s.data_dir} (pid {lock.info().get('pid', '?')}); "
+                             f"`labloop down` stops it")
+    logs = s.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(logs / "up.log", "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "labloop.streams.cli", "up", "--workers", str(workers)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        info = lock.info()
+        if info.get("pid") == proc.pid:
+            console.print(_banner(info))
+            return
+        if proc.poll() is not None:
+            tail = (logs / "up.log").read_text(errors="replace")[-2000:]
+            raise RuntimeFailure(f"labloop up exited with code {proc.returncode}; log {logs / 'up.log'}:\n{tail}")
+        time.sleep(0.2)
+    raise RuntimeFailure(f"labloop up did not come up within 180 s; log {logs / 'up.log'}")
+
+
+@app.command()
+def down(timeout_s: Annotated[float, typer.Option(help="wait this long for a clean stop, then SIGKILL")] = 60.0) -> None:
+    """Stop the `labloop up` running on the data directory."""
+    from labloop.streams.runtime import StackLock
+
+    s = _settings()
+    lock = StackLock(s.data_dir)
+    if not lock.held_elsewhere():
+        console.print(f"labloop is not running on {s.data_dir}")
+        return
+    pid = lock.info().get("pid")
+    if not isinstance(pid, int):
+        raise typer.BadParameter(f"{lock.info_path} names no process; stop it by hand")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while lock.held_elsewhere() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if lock.held_elsewhere():
+        os.kill(pid, signal.SIGKILL)  # its children die with it
+        console.print(f"labloop (pid {pid}) did not stop within {timeout_s:.0f} s: killed")
+    else:
+        console.print(f"labloop (pid {pid}) stopped")
 
 
 @app.command(hidden=True)

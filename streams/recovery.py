@@ -100,12 +100,17 @@ def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str,
         for tp in c.committed(parts, timeout=30):
             if tp.offset > 0:
                 committed[(tp.topic, tp.partition)] = tp.offset
-        if not committed and ckpt is None:
-            return dict(stats)  # a fresh group: nothing was processed before, nothing to rebuild
         # Explicit offsets avoid ListOffsets round trips; the group is not joined.
         starts = {tp: floors.get(tp, 0) for tp in committed}
         inputs = _read(c, [TopicPartition(t, p, o) for (t, p), o in starts.items() if o < committed[(t, p)]], committed)
         inputs = [m for m in inputs if m.offset() < committed[(m.topic(), m.partition())]]
+        # A partition with nothing committed (a predecessor killed before its first commit) is read to
+        # its end too: Faust will consume it again from the start, harmlessly, but the campaigns and
+        # pools must be known before the requests they issued are re-adopted below, or the requests'
+        # statuses would be refused and their ids issued again.
+        fresh = [TopicPartition(TOPICS[r].name, p, floors.get((TOPICS[r].name, p), 0)) for r in _INPUTS
+                 for p in range(TOPICS[r].partitions) if (TOPICS[r].name, p) not in committed]
+        inputs += _read(c, fresh)
         own = _read(c, [TopicPartition(TOPICS[r].name, p, 0) for r in _OWN for p in range(TOPICS[r].partitions)])
     finally:
         c.close()

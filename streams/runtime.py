@@ -8,6 +8,9 @@ on a free loopback port, memory-only. ``Stack`` starts what ``labloop up`` and
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
+import json
 import logging
 import os
 import signal
@@ -18,6 +21,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -25,13 +30,36 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from labloop.schemas import TOPICS, LabloopError, TopicSpec
 from labloop.streams.settings import Settings
 
-__all__ = ["EmbeddedBroker", "RuntimeFailure", "Stack", "ensure_topics", "free_port", "port_in_use", "wait_for_port"]
+__all__ = ["EmbeddedBroker", "RuntimeFailure", "Stack", "StackLock", "ensure_topics", "free_port", "port_in_use",
+           "redact", "wait_for_port"]
 
 log = logging.getLogger("labloop.runtime")
 
 
 class RuntimeFailure(LabloopError):
     """A component of the stack did not start or died."""
+
+
+_PR_SET_PDEATHSIG = 1
+try:  # looked up once, here: between fork and exec a child must not load libraries (other threads may hold locks)
+    _PRCTL: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
+
+
+def _die_with_parent(parent: int) -> Any:
+    """A ``preexec_fn``: the child gets SIGTERM when the process that started it dies, however it
+    dies (SIGKILL included), so a killed ``labloop up`` leaves no orphans. Linux only; elsewhere
+    nothing."""
+
+    def arm() -> None:
+        if _PRCTL is None:
+            return
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
 
 
 def free_port() -> int:
@@ -118,7 +146,7 @@ class EmbeddedBroker:
         self.proc = subprocess.Popen(
             [binary, "broker", "--cluster-id", self.cluster_id, "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/", "--silent"],
-            stdout=out, stderr=out, start_new_session=True)
+            stdout=out, stderr=out, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))  # noqa: PLW1509
         wait_for_port(self.port, timeout_s, self.proc, "Tansu broker")
         return self
 
@@ -139,6 +167,94 @@ class EmbeddedBroker:
 
 
 CLI = "labloop.streams.cli"
+RESTART_BACKOFF_S, RESTART_BACKOFF_MAX_S = 0.5, 10.0  # the supervisor's first wait, doubled per death
+CRASH_WINDOW_S, MAX_CRASHES = 60.0, 5  # more deaths than this within the window: give up
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for banners, errors and logs).
+
+    >>> redact("https://labloop:s3cret@ch.example:8443/db")
+    'https://labloop:***@ch.example:8443/db'
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class StackLock:
+    """One ``labloop up`` per data directory.
+
+    An exclusive ``flock`` on ``DATA_DIR/up.lock`` (the kernel releases it when the process dies,
+    however it dies), and what that process runs, as JSON in ``DATA_DIR/up.json``, for
+    ``labloop up --detach`` and ``labloop down``.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.path, self.info_path = data_dir / "up.lock", data_dir / "up.json"
+        self._fh: Any = None
+
+    def held_elsewhere(self) -> bool:
+        """Whether another process holds the lock now."""
+        if not self.path.exists():
+            return False
+        with open(self.path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
+
+    def info(self) -> dict[str, Any]:
+        """What the running ``labloop up`` wrote (empty when nothing was written)."""
+        try:
+            data = json.loads(self.info_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def acquire(self) -> StackLock:
+        """Raises:
+            RuntimeFailure: another ``labloop up`` runs on this data directory.
+        """
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the stack
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            pid = self.info().get("pid", "?")
+            raise RuntimeFailure(f"labloop is already running on {self.data_dir} (pid {pid}); `labloop status` shows "
+                                 f"it and `labloop down` stops it") from None
+        self._fh = fh
+        return self
+
+    def publish(self, info: dict[str, Any]) -> None:
+        """Record what this process runs (owner-only, written atomically)."""
+        tmp = self.info_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({**info, "pid": os.getpid()}, fh)
+        os.replace(tmp, self.info_path)
+
+    def release(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self.info_path.unlink()
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> StackLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass
@@ -149,6 +265,8 @@ class _Proc:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     module: str = CLI
+    crashes: list[float] = field(default_factory=list)  # monotonic times it died unasked, for the supervisor
+    restart_at: float | None = None  # when the supervisor starts it again
 
 
 @dataclass
@@ -196,7 +314,8 @@ class Stack:
         path = logs / f"{name}.log"
         fh = open(path, "ab")  # noqa: SIM115 - the child owns it
         proc = subprocess.Popen([sys.executable, "-m", module, *args], env={**self._env(), **(env or {})},
-                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent(os.getpid()))  # noqa: PLW1509
         p = _Proc(name, args, proc, path, env or {}, module)
         self.procs.append(p)
         return p
@@ -233,8 +352,9 @@ class Stack:
             old.proc.kill()
             old.proc.wait()
         self.procs.remove(old)
-        self._spawn(name, *(args if args is not None else old.args), env={**old.env, **env},
-                    module=module or (old.module if args is None else CLI))
+        new = self._spawn(name, *(args if args is not None else old.args), env={**old.env, **env},
+                          module=module or (old.module if args is None else CLI))
+        new.crashes = old.crashes
 
     def kill(self, name: str) -> None:
         """SIGKILL a child (no goodbye) and wait for it to die."""
@@ -242,6 +362,44 @@ class Stack:
         if p.proc.poll() is None:
             p.proc.send_signal(signal.SIGKILL)
         p.proc.wait()
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """Restart children that died, with backoff; returns what it did, one line each.
+
+        A child that dies is started again after ``RESTART_BACKOFF_S * 2**(k-1)`` seconds (at most
+        ``RESTART_BACKOFF_MAX_S``), ``k`` its deaths within the last ``CRASH_WINDOW_S``. A worker
+        exits 70 on purpose when its model process dies: its replacement restores the campaigns
+        from its checkpoint. More than ``MAX_CRASHES`` deaths within the window, or the embedded
+        broker's death (it holds the only copy of the log), is fatal.
+
+        Raises:
+            RuntimeFailure: naming the child and its log, with the log's tail.
+        """
+        now = time.monotonic() if now is None else now
+        done: list[str] = []
+        if self.broker is not None and self.broker.proc is not None and self.broker.proc.poll() is not None:
+            raise RuntimeFailure(f"the embedded broker exited with code {self.broker.proc.returncode}; its log is "
+                                 f"{self.broker.log_path}")
+        for p in list(self.procs):
+            if p.restart_at is not None:
+                if now >= p.restart_at:
+                    self.restart(p.name)
+                    done.append(f"{p.name} restarted")
+                continue
+            code = p.proc.poll()
+            if code is None:
+                continue
+            p.crashes = [t for t in p.crashes if now - t < CRASH_WINDOW_S] + [now]
+            tail = p.log_path.read_text(errors="replace")[-2000:] if p.log_path.exists() else ""
+            if len(p.crashes) > MAX_CRASHES:
+                raise RuntimeFailure(f"{p.name} died {len(p.crashes)} times within {CRASH_WINDOW_S:.0f} s (last exit code "
+                                     f"{code}); giving up. Its log is {p.log_path}:\n{tail}")
+            delay = min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2 ** (len(p.crashes) - 1))
+            p.restart_at = now + delay
+            line = f"{p.name} exited with code {code}; restarting it in {delay:.1f} s (log {p.log_path})"
+            log.warning("%s", line)
+            done.append(line)
+        return done
 
     def check(self) -> None:
         """Raise :class:`RuntimeFailure` naming any child that died, with its log's tail."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab
 from labloop.consumers.kafka import make_consumer, make_producer
 from labloop.consumers.publisher import compound_rows, publish_records
 from labloop.models.chem import MoleculeLimits, parse_smiles
@@ -121,8 +122,11 @@ def hostile(stack: Stack, codec: Codec) -> dict[str, Any]:
     # A producer that sends what librdkafka would refuse by default (over 1,000,000 bytes), as a hostile one would.
     producer = make_producer(stack.kafka_config, **{"message.max.bytes": 4_000_000})
     mon = _Monitor(stack, codec)
-    spec = CampaignSpec(CID, "tpsa", "A^2", batch_size=2, init_size=2, budget=4, min_pool_size=len(pool),
+    spec = CampaignSpec(CID, "tpsa", "A^2", batch_size=2, init_size=2, budget=2, min_pool_size=len(pool),
                         request_ttl_s=600.0)
+    # Its two requests are answered here, so that no other test's robot finds them.
+    lab = VirtualLab(RobotClient(stack.kafka_config, codec, robot_id="bounded-robot"),
+                     Oracle.from_csv(DATA, "smiles", "tpsa"), LabConfig(unit="A^2")).start()
     publish_records(producer, codec, "campaigns", "Campaign", iter([spec.to_record(now_ms())]))
     t = now_ms()
     bad = [{"campaign_id": CID, "compound_id": "huge-1mb", "smiles": "C" * 1_000_000, "source": "it", "event_time": t,
@@ -139,7 +143,9 @@ def hostile(stack: Stack, codec: Codec) -> dict[str, Any]:
                  "event_time": t, "ingest_time": t} for i, r in enumerate(pool)]
     publish_records(producer, codec, "readings", "AssayReading", iter(readings))
     learned_at = mon.wait("model_updates", lambda r: r["n_readings"] >= len(pool), 120)
+    mon.wait("model_updates", lambda r: r["done"], 120)
     mon.c.close()
+    lab.stop()
     # A plate of 1,000 wells, every one naming a compound the campaign does not have.
     plate = {"plate_id": "bounded-plate", "campaign_id": CID, "assay_id": "tpsa", "unit": "A^2", "instrument_id": "it",
              "event_time": t, "ingest_time": t,

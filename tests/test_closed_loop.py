@@ -186,7 +186,7 @@ def test_poison_is_dead_lettered_with_provenance(loop: dict[str, Any], ch: Any) 
         assert reading_id in msgs
     assert all(key == CID and n > 0 for *_, key, n in rows)  # the key and the raw bytes travel with it
     bad_smiles = ch.query(f"SELECT count() FROM dead_letters WHERE source_topic='{TOPICS['compounds'].name}' "
-                          f"AND error_class='InvalidMolecule'").result_rows[0][0]
+                          f"AND error_class='InvalidMolecule' AND source_key='{CID}'").result_rows[0][0]
     assert bad_smiles == 2
 
 
