@@ -477,6 +477,32 @@ def explain(request_id: Annotated[str, typer.Argument(help="the request's id")])
                   + "".join(f"; measured {v:.4g} {u} ({rid})" for v, u, rid in out["readings"]))
 
 
+@app.command()
+def requeue(request_id: Annotated[str, typer.Argument(help="the request's id")],
+            reason: Annotated[str, typer.Option(help="recorded with the status")] = "requeued by an operator") -> None:
+    """Put a request back: its compound returns to the pool and its place in the budget is given back.
+
+    The campaign requests it again later under a new request id (ids are never reused). A robot
+    that still reports on the old request changes nothing; a reading it publishes is learned.
+    """
+    from labloop.consumers.kafka import make_producer
+    from labloop.consumers.publisher import publish_records
+    from labloop.streams.campaign import now_ms
+    from labloop.streams.ops import request_state
+    from labloop.streams.sql import analyst_client
+
+    s = _settings()
+    state = request_state(analyst_client(s), request_id)
+    if state is None:
+        raise typer.BadParameter(f"no request {request_id!r} in ClickHouse")
+    if state["status"] in ("COMPLETED", "FAILED", "EXPIRED"):
+        raise typer.BadParameter(f"request {request_id!r} is {state['status']} already; only a pending one goes back")
+    rec = {"request_id": request_id, "campaign_id": state["campaign_id"], "compound_id": state["compound_id"],
+           "status": "EXPIRED", "robot_id": "labloop-requeue", "reason": reason, "event_time": now_ms()}
+    publish_records(make_producer(_kafka(s)), _codec(s), "status", "RequestStatus", iter([rec]))
+    console.print(f"request {request_id} of campaign {state['campaign_id']} put back ({state['compound_id']})")
+
+
 bench_app = typer.Typer(help="Benchmarks that print ratios measured side by side in one run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

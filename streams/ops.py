@@ -12,7 +12,7 @@ from confluent_kafka import Producer
 
 from labloop.schemas import Codec, DecodeError, LabloopError
 
-__all__ = ["DeadLetterRef", "NotFound", "dead_letters", "explain", "replay"]
+__all__ = ["DeadLetterRef", "NotFound", "dead_letters", "explain", "replay", "request_state"]
 
 
 class NotFound(LabloopError):
@@ -108,6 +108,18 @@ def replay(client: Client, producer: Producer, topic: str | None = None, error_c
     return done
 
 
+def request_state(client: Client, request_id: str) -> dict[str, Any] | None:
+    """A request's campaign, compound and latest status (``REQUESTED`` when none came), or None
+    when ClickHouse has no such request."""
+    res = client.query(f"SELECT campaign_id, compound_id FROM requests WHERE request_id = {_q(request_id)} LIMIT 1")
+    if not res.result_rows:
+        return None
+    cid, compound = res.result_rows[0]
+    st = client.query(f"SELECT status FROM request_status WHERE request_id = {_q(request_id)} "
+                      f"ORDER BY event_time DESC, status DESC LIMIT 1").result_rows
+    return {"campaign_id": cid, "compound_id": compound, "status": st[0][0] if st else "REQUESTED"}
+
+
 def explain(client: Client, request_id: str) -> dict[str, Any]:
     """Why a compound was requested: the request, its model and policy, and what the model had learned from."""
     res = client.query(f"SELECT * FROM requests WHERE request_id = {_q(request_id)} LIMIT 1")
@@ -127,10 +139,11 @@ def explain(client: Client, request_id: str) -> dict[str, Any]:
                         f"AND _offset < {int(v)})" for k, v in marks.items()) or "0"
     # Readings the worker rejected sit in the readings table too (raw readings are append-only):
     # the dead letters of those messages name them.
-    rejected = {m.group(1) for (msg,) in client.query(
+    # A plate's dead letter names its first 20 rejected wells ("reading ID: why; ...").
+    rejected = {rid for (msg,) in client.query(
         "SELECT error_message FROM dead_letters WHERE (" + where.replace("_topic", "source_topic")
         .replace("_partition", "source_partition").replace("_offset", "source_offset") + ")").result_rows
-        for m in [re.match(r"reading (\S+?):", msg)] if m}
+        for rid in re.findall(r"reading (\S+?):", msg)}
     if rejected:
         where = f"({where}) AND reading_id NOT IN ({', '.join(_q(r) for r in sorted(rejected))})"
     order = "ASC" if campaign.get("direction", "MAXIMIZE") == "MINIMIZE" else "DESC"

@@ -136,3 +136,63 @@ def test_the_wheel_installs_one_namespace_only(tmp_path: Path) -> None:
             "labloop/schemas/avro/history/Campaign.v2.avsc", "labloop/consumers/robot.py"} <= names
     assert "labloop = labloop.streams.cli:main" in zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("entry_points.txt"))).decode()
+
+
+def test_requeue_puts_a_pending_request_back_under_a_new_id(cli: Any, stack: Any, ch: Any, codec: Any) -> None:
+    from itertools import islice
+
+    from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab
+    from labloop.consumers.kafka import make_consumer, make_producer
+    from labloop.consumers.publisher import compound_rows, publish_records
+    from labloop.schemas import TOPICS
+    from labloop.streams.campaign import now_ms
+    from labloop.streams.definition import CampaignSpec
+
+    data = Path(__file__).parent / "data" / "tpsa_300.csv"
+    cid = "requeue-it"
+    pool = list(islice((r for r in compound_rows(data, cid) if not isinstance(r, Exception)), 20))
+    producer = make_producer(stack.kafka_config)
+    spec = CampaignSpec(cid, "tpsa", "A^2", batch_size=3, init_size=3, budget=4, min_pool_size=20,
+                        schedule="CONTINUOUS", request_ttl_s=3600.0)
+    publish_records(producer, codec, "campaigns", "Campaign", iter([spec.to_record(now_ms())]))
+    publish_records(producer, codec, "compounds", "CompoundRegistered", iter(pool))
+    producer.close()
+
+    def ids() -> list[str]:
+        return [r[0] for r in ch.query(f"SELECT request_id FROM requests WHERE campaign_id = '{cid}' "
+                                       f"ORDER BY sequence").result_rows]
+
+    deadline = time.monotonic() + 60
+    while len(ids()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    first = ids()
+    assert len(first) == 3
+    out = cli("requeue", first[0], "--reason", "plate dropped")
+    assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 60
+    while len(ids()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    again = ids()
+    assert len(again) == 4 and again[:3] == first and again[3] not in first  # a new id; none reused
+    st = ch.query(f"SELECT status, robot_id, reason FROM request_status WHERE request_id = '{first[0]}'").result_rows
+    assert st == [("EXPIRED", "labloop-requeue", "plate dropped")]
+    twice = cli("requeue", first[0])
+    assert twice.returncode == 2 and "EXPIRED already" in twice.stderr
+    unknown = cli("requeue", "no-such-request")
+    assert unknown.returncode == 2 and "no request 'no-such-request'" in unknown.stderr
+    # Answer what is pending, so that no later test's robot finds this campaign's requests.
+    lab = VirtualLab(RobotClient(stack.kafka_config, codec, robot_id="requeue-robot"),
+                     Oracle.from_csv(data, "smiles", "tpsa"), LabConfig(unit="A^2")).start()
+    mon = make_consumer(stack.kafka_config, "requeue-monitor")
+    mon.subscribe([TOPICS["model_updates"].name])
+    try:
+        deadline, done = time.monotonic() + 90, False
+        while not done and time.monotonic() < deadline:
+            for m in mon.consume(100, 0.5):
+                if not m.error():
+                    r = codec.decode(m.value()).record
+                    done = done or (r["campaign_id"] == cid and r["done"])
+    finally:
+        mon.close()
+        lab.stop()
+    assert done  # the budget of 4 spent: three first requests, one of them put back, and its replacement
