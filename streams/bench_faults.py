@@ -194,7 +194,7 @@ def _settle(stack: Stack, faults: _Faults | None, complete: Any, quiet_s: float,
         if faults is not None:
             faults.step()
         try:
-            client = client or connect(f"{stack.clickhouse_url}/labloop")
+            client = client or connect(stack.analyst_url)
             counts = tuple(int(client.query(f"SELECT count() FROM {t}").result_rows[0][0]) for t in sorted(TABLES))
             if counts != last:
                 last, since = counts, time.monotonic()
@@ -203,7 +203,7 @@ def _settle(stack: Stack, faults: _Faults | None, complete: Any, quiet_s: float,
         except Exception:  # the sink (and its HTTP bridge) is restarting
             client = None
         time.sleep(0.5)
-    client = connect(f"{stack.clickhouse_url}/labloop")
+    client = connect(stack.analyst_url)
     return client
 
 

@@ -359,12 +359,14 @@ class OutFormat(StrEnum):
 
 @app.command()
 def sql(query: Annotated[str, typer.Argument(help="SQL for ClickHouse")],
-        format: Annotated[OutFormat, typer.Option("--format", "-f")] = OutFormat.table) -> None:
+        format: Annotated[OutFormat, typer.Option("--format", "-f")] = OutFormat.table,
+        operator: Annotated[bool, typer.Option("--operator", help="as the operator (schema work); default: "
+                                               "the read-only analyst")] = False) -> None:
     """Run SQL against the configured ClickHouse (embedded or server) and print the result."""
     from labloop.streams.sql import analyst_client
 
     s = _settings()
-    client = analyst_client(s)
+    client = analyst_client(s, operator=operator)
     try:
         res = client.query(query)
     except Exception as exc:  # the driver's errors carry ClickHouse's message

@@ -100,6 +100,9 @@ def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str,
         for tp in c.committed(parts, timeout=30):
             if tp.offset > 0:
                 committed[(tp.topic, tp.partition)] = tp.offset
+        own = _read(c, [TopicPartition(TOPICS[r].name, p, 0) for r in _OWN for p in range(TOPICS[r].partitions)])
+        if not committed and ckpt is None and not own:
+            return dict(stats)  # a fresh group with no predecessor: nothing was processed before, nothing to rebuild
         # Explicit offsets avoid ListOffsets round trips; the group is not joined.
         starts = {tp: floors.get(tp, 0) for tp in committed}
         inputs = _read(c, [TopicPartition(t, p, o) for (t, p), o in starts.items() if o < committed[(t, p)]], committed)
@@ -111,7 +114,6 @@ def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str,
         fresh = [TopicPartition(TOPICS[r].name, p, floors.get((TOPICS[r].name, p), 0)) for r in _INPUTS
                  for p in range(TOPICS[r].partitions) if (TOPICS[r].name, p) not in committed]
         inputs += _read(c, fresh)
-        own = _read(c, [TopicPartition(TOPICS[r].name, p, 0) for r in _OWN for p in range(TOPICS[r].partitions)])
     finally:
         c.close()
     stats["replayed_messages"] = len(inputs)

@@ -289,6 +289,15 @@ class Stack:
         return {**self.settings.kafka_config(), "bootstrap.servers": self.bootstrap}
 
     @property
+    def analyst_url(self) -> str:
+        """``clickhouse_url`` with the analyst's credentials and the database (for clients)."""
+        if self.settings.embedded_clickhouse:
+            from labloop.streams.sql import bridge_url
+
+            return bridge_url(self.settings)
+        return f"{self.settings.clickhouse_target}"
+
+    @property
     def clickhouse_url(self) -> str:
         """Where analysts connect: the sink's HTTP bridge for chDB, else the configured server."""
         if self.settings.embedded_clickhouse:
@@ -306,6 +315,10 @@ class Stack:
                      "max_plate_wells", "max_message_bytes"):
             value = getattr(self.settings, name)
             env[f"LABLOOP_{name.upper()}"] = str(value.resolve() if isinstance(value, Path) else value)
+        for name in ("clickhouse_analyst_password", "clickhouse_operator_password"):  # unset: the children share the data dir's
+            secret = getattr(self.settings, name)
+            if secret is not None:
+                env[f"LABLOOP_{name.upper()}"] = secret.get_secret_value()
         return env
 
     def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None, module: str = CLI) -> _Proc:

@@ -25,7 +25,8 @@ def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> None:
     snk = ClickHouseSink(client, s.kafka_config(), codec, batch_rows=s.sink_batch_rows, flush_s=s.sink_flush_s,
                          session_timeout_s=s.kafka_session_timeout_s, exactly_once=s.sink_exactly_once,
                          dedup_keys=s.sink_dedup_keys, on_insert=on_insert)
-    bridge = HttpBridge(client, snk.lock, s.clickhouse_http_port, s.clickhouse_database).start() \
+    bridge = HttpBridge(s.clickhouse_target.removeprefix("chdb://"), s.clickhouse_http_port, s.clickhouse_database,
+                        s.http_passwords(), timeout_s=s.clickhouse_analyst_timeout_s).start() \
         if s.embedded_clickhouse else None
     signal.signal(signal.SIGTERM, lambda *_: snk.stop())
     try:

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     clickhouse_dsn: str = Field("", description="empty = embedded chDB under data_dir; chdb:///abs/path; or http(s)://user:pw@host:port")
     clickhouse_http_port: int = Field(8123, description="loopback port on which the embedded chDB answers ClickHouse's HTTP interface")
     clickhouse_database: str = "labloop"
+    clickhouse_analyst_password: SecretStr | None = Field(
+        None, description="the embedded HTTP interface's read-only user 'analyst'; unset = generated into data_dir/credentials.json")
+    clickhouse_operator_password: SecretStr | None = Field(
+        None, description="its schema-work user 'operator'; unset = generated into data_dir/credentials.json")
+    clickhouse_analyst_timeout_s: float = Field(30.0, gt=0, description="max_execution_time of an analyst's query")
 
     # Runtime
     data_dir: Path = Path(".labloop")
@@ -75,6 +80,29 @@ class Settings(BaseSettings):
     def clickhouse_target(self) -> str:
         """The DSN actually used: an explicit one, else ``chdb:///<data_dir>/chdb`` (absolute)."""
         return self.clickhouse_dsn or f"chdb://{(self.data_dir / 'chdb').resolve()}"
+
+    def http_passwords(self) -> dict[str, str]:
+        """The embedded HTTP interface's users and passwords: from the settings, else from
+        ``data_dir/credentials.json``, generated (owner-only) the first time it is needed."""
+        import json
+        import os
+        import secrets
+
+        path = self.data_dir / "credentials.json"
+        stored: dict[str, str] = {}
+        if path.exists():
+            stored = json.loads(path.read_text())
+        missing = {role for role in ("analyst", "operator") if role not in stored}
+        if missing:
+            stored.update({role: secrets.token_urlsafe(18) for role in missing})
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(stored, fh)
+            os.replace(tmp, path)
+        given = {"analyst": self.clickhouse_analyst_password, "operator": self.clickhouse_operator_password}
+        return {role: (secret.get_secret_value() if secret is not None else stored[role]) for role, secret in given.items()}
 
     @property
     def torch_device(self) -> str | None:

@@ -44,7 +44,7 @@ def ch(stack: Stack):  # type: ignore[no-untyped-def]
     """An analyst's clickhouse-connect client over HTTP to the sink's chDB."""
     from labloop.consumers import connect
 
-    return connect(f"{stack.clickhouse_url}/{stack.settings.clickhouse_database}")
+    return connect(stack.analyst_url)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ must see the duplicates, or the test could not fail.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -69,7 +70,8 @@ def _crash_then_recover(broker: EmbeddedBroker, tmp_path: Path, want: int, **env
         client: Any = None
         while time.monotonic() < deadline:
             try:
-                client = client or connect(f"http://127.0.0.1:{port}/labloop")
+                password = json.loads((tmp_path / "credentials.json").read_text())["analyst"]
+                client = client or connect(f"http://analyst:{password}@127.0.0.1:{port}/labloop")
                 n, distinct = client.query("SELECT count(), uniqExact(reading_id) FROM readings").result_rows[0]
                 if distinct >= want:
                     time.sleep(1.0)  # let a late duplicate show up if there is one

@@ -63,7 +63,7 @@ def test_a_killed_worker_is_replaced_without_losing_or_doubling(own_stack: Stack
         mon.close()
         lab.stop()
     assert killed and final is not None, "the campaign did not finish after the worker was replaced"
-    ch = connect(f"{stack.clickhouse_url}/labloop")
+    ch = connect(stack.analyst_url)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         n, ids, compounds = ch.query(f"SELECT count(), uniqExact(request_id), uniqExact(compound_id) FROM requests "
