@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -18,7 +19,7 @@ from labloop.consumers.errors import SinkError
 from labloop.schemas import TOPICS
 from labloop.schemas.types import Record
 
-__all__ = ["PROVENANCE", "ROWS_OF_TOPIC", "SCHEMAS_OF_TOPIC", "TABLES", "TABLE_OF_TOPIC", "Columns", "Table", "connect",
+__all__ = ["redact", "PROVENANCE", "ROWS_OF_TOPIC", "SCHEMAS_OF_TOPIC", "TABLES", "TABLE_OF_TOPIC", "Columns", "Table", "connect",
            "create_tables"]
 
 _QUAL = {"EQ": "=", "LT": "<", "GT": ">"}
@@ -117,12 +118,35 @@ SCHEMAS_OF_TOPIC = {t.name: t.schemas for t in TOPICS.values()}
 ROWS_OF_TOPIC: dict[str, Callable[[Record], Columns]] = {TOPICS["plates"].name: _plate}
 
 
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for banners, errors and logs).
+
+    >>> redact("https://labloop:s3cret@ch.example:8443/db")
+    'https://labloop:***@ch.example:8443/db'
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def connect(dsn: str, database: str | None = None) -> Client:
-    """A clickhouse-connect client for ``chdb:///path`` (in-process) or ``http(s)://...``."""
+    """A clickhouse-connect client for ``chdb:///path`` (in-process) or ``http(s)://...``.
+
+    ``https://`` always means TLS, whatever the port (clickhouse-connect alone picks TLS by port:
+    8443 and 443, and sent Basic credentials in clear to any other).
+
+    Raises:
+        SinkError: it cannot connect; the message never holds the password.
+    """
     try:
-        client = clickhouse_connect.get_client(dsn=dsn)
+        client = clickhouse_connect.get_client(dsn=dsn, secure=True) if dsn.lower().startswith("https://") \
+            else clickhouse_connect.get_client(dsn=dsn)
     except Exception as exc:  # clickhouse-connect raises several unrelated types on connect
-        raise SinkError(f"cannot connect to ClickHouse at {dsn}: {exc}") from exc
+        password = urlsplit(dsn).password
+        why = str(exc).replace(password, "***") if password else str(exc)
+        raise SinkError(f"cannot connect to ClickHouse at {redact(dsn)}: {why}") from None
     if database:
         client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
         client.database = database

@@ -22,11 +22,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from labloop.consumers.tables import redact
 from labloop.schemas import TOPICS, LabloopError, TopicSpec
 from labloop.streams.settings import Settings
 
@@ -169,20 +169,6 @@ class EmbeddedBroker:
 CLI = "labloop.streams.cli"
 RESTART_BACKOFF_S, RESTART_BACKOFF_MAX_S = 0.5, 10.0  # the supervisor's first wait, doubled per death
 CRASH_WINDOW_S, MAX_CRASHES = 60.0, 5  # more deaths than this within the window: give up
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for banners, errors and logs).
-
-    >>> redact("https://labloop:s3cret@ch.example:8443/db")
-    'https://labloop:***@ch.example:8443/db'
-    """
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class StackLock:
@@ -334,7 +320,8 @@ class Stack:
         return p
 
     def start(self) -> Stack:
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.settings.data_dir, 0o700)  # chDB's data, checkpoints and credentials: the owner's only
         if self.settings.embedded_kafka:
             self.broker = EmbeddedBroker(log_path=self.settings.data_dir / "logs" / "broker.log")
             (self.settings.data_dir / "logs").mkdir(parents=True, exist_ok=True)
