@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from labloop.consumers import connect
 from labloop.consumers.errors import SinkError
 from labloop.streams.settings import Settings
