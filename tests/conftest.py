@@ -48,6 +48,24 @@ def ch(stack: Stack):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def settle(ch):  # type: ignore[no-untyped-def]
+    """``settle(sql, want, timeout_s=30)``: poll a ``SELECT count()``-like query until it reaches
+    ``want`` (the sink stores what the worker sent a moment later); returns the last value."""
+    import time
+
+    def run(sql: str, want: int, timeout_s: float = 30) -> int:
+        got, deadline = -1, time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            got = int(ch.query(sql).result_rows[0][0])
+            if got >= want:
+                break
+            time.sleep(0.3)
+        return got
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def cli(stack: Stack) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run ``labloop ARGS...`` as a user would, pointed at the session's stack."""
     env = {**os.environ, "LABLOOP_KAFKA_BOOTSTRAP": stack.bootstrap,

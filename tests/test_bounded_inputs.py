@@ -161,23 +161,13 @@ def hostile(stack: Stack, codec: Codec) -> dict[str, Any]:
     return {"seconds": learned_at - t0, "registered_s": registered_at - t0, "worker": worker, "plate_offset": offsets[0]}
 
 
-def _settle(ch: Any, sql: str, want: int, timeout_s: float = 30) -> int:
-    got, deadline = -1, time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = int(ch.query(sql).result_rows[0][0])
-        if got >= want:
-            break
-        time.sleep(0.3)
-    return got
-
-
-def test_normal_compounds_beside_hostile_ones_are_learned_within_the_bound(hostile: dict[str, Any], ch: Any) -> None:
+def test_normal_compounds_beside_hostile_ones_are_learned_within_the_bound(hostile: dict[str, Any], ch: Any, settle: Any) -> None:
     print(f"\nnormal compounds registered {hostile['registered_s']:.2f} s and their readings learned "
           f"{hostile['seconds']:.2f} s after publishing, beside a 1 MB SMILES and a 30 KB grid molecule "
           f"(bound {BOUND_S:.0f} s)")
     assert hostile["seconds"] < BOUND_S, f"{hostile['seconds']:.1f} s"
     where = "source_topic = 'labloop.compounds' AND error_message LIKE '%characters, more than the 1,000 allowed%'"
-    _settle(ch, f"SELECT count() FROM dead_letters WHERE {where}", 2)
+    settle(f"SELECT count() FROM dead_letters WHERE {where}", 2)
     rows = ch.query(f"SELECT error_class, error_message FROM dead_letters WHERE {where}").result_rows
     assert len(rows) == 2 and {c for c, _ in rows} == {"InvalidMolecule"}
     assert all(len(m) < 400 for _, m in rows)
@@ -188,16 +178,16 @@ def test_normal_compounds_beside_hostile_ones_are_learned_within_the_bound(hosti
     assert rss < 1024, f"worker resident memory {rss:.0f} MB"
 
 
-def test_a_plate_of_a_thousand_bad_wells_is_one_dead_letter(hostile: dict[str, Any], ch: Any) -> None:
+def test_a_plate_of_a_thousand_bad_wells_is_one_dead_letter(hostile: dict[str, Any], ch: Any, settle: Any) -> None:
     where = f"source_topic = 'labloop.plates' AND source_offset = {hostile['plate_offset']} " \
             f"AND error_message LIKE '%bounded-plate%'"
-    assert _settle(ch, f"SELECT count() FROM dead_letters WHERE {where}", 1) == 1
+    assert settle(f"SELECT count() FROM dead_letters WHERE {where}", 1) == 1
     time.sleep(1.0)  # a second one would have arrived with the first
     n, size = ch.query(f"SELECT count(), max(length(error_message)) FROM dead_letters WHERE {where}").result_rows[0]
     assert n == 1 and size < 3000
 
 
-def test_an_absurd_timestamp_is_dead_lettered(hostile: dict[str, Any], ch: Any) -> None:
-    assert _settle(ch, "SELECT count() FROM dead_letters WHERE error_message LIKE '%event_time 9223372036854775807%'",
+def test_an_absurd_timestamp_is_dead_lettered(hostile: dict[str, Any], ch: Any, settle: Any) -> None:
+    assert settle("SELECT count() FROM dead_letters WHERE error_message LIKE '%event_time 9223372036854775807%'",
                    1) == 1
 

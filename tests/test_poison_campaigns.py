@@ -57,16 +57,6 @@ def _done(stack: Stack, codec: Codec, want: set[str], timeout_s: float = 240) ->
     return done
 
 
-def _settle(ch: Any, sql: str, want: int, timeout_s: float = 30) -> int:
-    got, deadline = -1, time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = int(ch.query(sql).result_rows[0][0])
-        if got >= want:
-            break
-        time.sleep(0.3)
-    return got
-
-
 @pytest.fixture(scope="module")
 def sent(stack: Stack, codec: Codec) -> dict[str, Any]:
     producer = make_producer(stack.kafka_config)
@@ -96,18 +86,18 @@ def sent(stack: Stack, codec: Codec) -> dict[str, Any]:
     return {"cids": cids, "done": done}
 
 
-def test_every_campaign_behind_a_bad_definition_finishes(sent: dict[str, Any], ch: Any) -> None:
+def test_every_campaign_behind_a_bad_definition_finishes(sent: dict[str, Any], ch: Any, settle: Any) -> None:
     assert sent["done"] == set(sent["cids"])
     quoted = ",".join(f"'{c}'" for c in sent["cids"])
-    n = _settle(ch, f"SELECT count() FROM requests WHERE campaign_id IN ({quoted})", BUDGET * len(sent["cids"]))
+    n = settle(f"SELECT count() FROM requests WHERE campaign_id IN ({quoted})", BUDGET * len(sent["cids"]))
     assert n == BUDGET * len(sent["cids"])
     per = ch.query(f"SELECT campaign_id, uniqExact(request_id) FROM requests WHERE campaign_id IN ({quoted}) "
                    f"GROUP BY campaign_id").result_rows
     assert {c: k for c, k in per} == {c: BUDGET for c in sent["cids"]}
 
 
-def test_each_bad_definition_is_one_named_dead_letter(sent: dict[str, Any], ch: Any) -> None:
-    got = _settle(ch, "SELECT count() FROM dead_letters WHERE source_topic = 'labloop.campaigns' "
+def test_each_bad_definition_is_one_named_dead_letter(sent: dict[str, Any], ch: Any, settle: Any) -> None:
+    got = settle("SELECT count() FROM dead_letters WHERE source_topic = 'labloop.campaigns' "
                       "AND error_class = 'InvalidDefinition'", len(BAD))
     assert got == len(BAD)
     rows = ch.query("SELECT source_key, error_message FROM dead_letters WHERE source_topic = 'labloop.campaigns'").result_rows
@@ -117,8 +107,8 @@ def test_each_bad_definition_is_one_named_dead_letter(sent: dict[str, Any], ch: 
         assert field in by_key[f"bad-{kind}"], (kind, by_key[f"bad-{kind}"])
 
 
-def test_a_reading_past_the_stable_bound_is_dead_lettered_and_predictions_stay_finite(sent: dict[str, Any], ch: Any) -> None:
-    assert _settle(ch, "SELECT count() FROM dead_letters WHERE error_message LIKE '%huge-1%plausible range%'", 1) == 1
+def test_a_reading_past_the_stable_bound_is_dead_lettered_and_predictions_stay_finite(sent: dict[str, Any], ch: Any, settle: Any) -> None:
+    assert settle("SELECT count() FROM dead_letters WHERE error_message LIKE '%huge-1%plausible range%'", 1) == 1
     n, bad = ch.query(f"SELECT count(), countIf(NOT (isFinite(mean) AND isFinite(std))) FROM predictions "
                       f"WHERE campaign_id = '{HUGE}'").result_rows[0]
     assert n > 0 and bad == 0
