@@ -135,10 +135,11 @@ class TanimotoGP(OnlineLearner):
         self._buf[n : n + k] = rows
         self._X = self._buf[: n + k]
 
-    def _refit(self, new: Measurements | None = None) -> None:
-        """Fit on every stored row; ``new``: this update's measurements (None: from scratch)."""
+    def _refit(self, new: Measurements | None = None, redraw: bool = True) -> None:
+        """Fit on every stored row; ``new``: this update's measurements (None: from scratch);
+        ``redraw``: whether the approximation may draw new landmarks now."""
         if self._y.shape[0] > self.exact_max:
-            self._fit = self.nystrom.fit(self._X, self._y, self._n, new, self._RATIOS)
+            self._fit = self.nystrom.fit(self._X, self._y, self._n, new, self._RATIOS, redraw)
         else:
             self._fit = fit_exact(self._X, self._y, self.device, self._RATIOS)
 
@@ -179,4 +180,4 @@ class TanimotoGP(OnlineLearner):
             self.nystrom.set_landmarks(np.asarray(state["Z"], dtype=np.float32), int(state["z_at"]))
         self._fit = None
         if self._y.shape[0]:
-            self._refit()
+            self._refit(redraw=False)  # the landmarks it had: the same model, not the one after its next update

@@ -287,15 +287,17 @@ class NystromDTC:
 
     # ---- fit and predict ------------------------------------------------------------------
     def fit(self, X: np.ndarray, y: np.ndarray, n: np.ndarray, new: Measurements | None,
-            ratios: np.ndarray) -> NystromFit:
+            ratios: np.ndarray, redraw: bool = True) -> NystromFit:
         """Fit on the training set: ``X`` (``N x d`` rows of distinct compounds), ``y`` (the mean
-        of each one's replicates), ``n`` (their counts); ``new``: this update's measurements."""
+        of each one's replicates), ``n`` (their counts); ``new``: this update's measurements.
+        ``redraw=False`` keeps the landmarks even if they are due to be drawn again (a learner
+        restored from its state fits exactly as it was; its next update redraws)."""
         size = y.shape[0]
         if self.landmarks is None:
             self.set_landmarks(self._pick(X, size), size)
         assert self.landmarks is not None
         complete = False
-        if size > 4 * self.landmarks.at or self.redraw is not None:
+        if redraw and (size > 4 * self.landmarks.at or self.redraw is not None):
             complete = self._redraw(X, y, n, new)
         G, b, s0 = self._statistics(X, y, n, new, complete)
         w = n.astype(np.float64)

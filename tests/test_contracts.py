@@ -338,3 +338,25 @@ def test_targets_past_the_stable_bound_are_refused_and_predictions_stay_finite(m
     m.update(X[:40], y[:40])
     mean, std = m.predict(X)
     assert np.isfinite(mean).all() and np.isfinite(std).all() and (std >= 0).all()
+
+
+def test_gp_restored_mid_landmark_redraw_predicts_as_it_was() -> None:
+    """A checkpoint can catch the GP while new landmarks are prepared in the background: the
+    restored learner keeps the landmarks the model was using, so it predicts the same."""
+    from labloop.models.learners import TanimotoGP
+
+    rng = np.random.default_rng(9)
+    pool = (rng.random((900, 64)) < 0.15).astype(np.float32) * rng.integers(1, 4, (900, 64)).astype(np.float32)
+    truth = pool[:, :6].sum(1)
+    g = TanimotoGP(device="cpu", exact_max=20, landmarks=16)
+    for k in range(0, 800, 100):
+        keys = np.arange(k, k + 100)
+        g.update(pool[keys], truth[keys], keys)
+        g.predict(pool)
+        if g.nystrom.redraw is not None:
+            break
+    assert g.nystrom.redraw is not None  # caught mid-redraw
+    restored = TanimotoGP(device="cpu")
+    restored.load_state_dict(loads(dumps(g.state_dict())))
+    for a, b in zip(g.predict(pool), restored.predict(pool), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
