@@ -46,13 +46,20 @@ class RobotClient:
         journal: a file of the request ids this robot took on, one per line, appended before it
             acts and read back when it starts, so that a restarted robot never acts twice on a
             request delivered again (None = remember only for this client's lifetime).
+        campaigns, assays: the campaigns and assays it serves (None: all). Robots of one group
+            split the requests, so robots that serve different ones need groups of their own.
+
+    A request past its ``expires_at`` is never taken: the campaign has given up on it.
     """
 
     def __init__(self, kafka_config: dict[str, str], codec: Codec, robot_id: str = "robot-1",
                  group_id: str = "labloop-robots", session_timeout_s: float = 6.0,
-                 journal: Path | None = None) -> None:
+                 journal: Path | None = None, campaigns: set[str] | None = None,
+                 assays: set[str] | None = None) -> None:
         self.codec = codec
         self.robot_id = robot_id
+        self.campaigns, self.assays = campaigns, assays
+        self.skipped = {"expired": 0, "not_served": 0}
         self.seen: set[str] = set()
         self._journal: TextIO | None = None
         if journal is not None:
@@ -67,7 +74,7 @@ class RobotClient:
         self.consumer.subscribe([TOPICS["requests"].name])
 
     def poll(self, timeout_s: float = 0.5, max_n: int = 1000) -> list[Record]:
-        """New requests (each ``request_id`` once, ever, per client); offsets are committed."""
+        """New live requests it serves (each ``request_id`` once, ever, per client); offsets are committed."""
         out = []
         msgs = self.consumer.consume(max_n, timeout_s)
         for m in msgs:
@@ -78,6 +85,13 @@ class RobotClient:
             except DecodeError:
                 continue  # the sink and analysts see it; a robot cannot act on it
             if r["request_id"] in self.seen:
+                continue
+            if (self.campaigns is not None and r["campaign_id"] not in self.campaigns) or \
+                    (self.assays is not None and r["assay_id"] not in self.assays):
+                self.skipped["not_served"] += 1
+                continue
+            if r["expires_at"] <= _now_ms():
+                self.skipped["expired"] += 1
                 continue
             self.seen.add(r["request_id"])
             out.append(r)

@@ -327,6 +327,8 @@ def robot(
     noise_sd: float = 0.0,
     failure_rate: float = 0.0,
     plate_size: Annotated[int, typer.Option(help="wells per plate; 0 = single readings")] = 384,
+    campaign: Annotated[list[str] | None, typer.Option(help="serve only this campaign (repeatable; default: all)")] = None,
+    assay: Annotated[list[str] | None, typer.Option(help="serve only this assay (repeatable; default: all)")] = None,
 ) -> None:
     """Run a robot with a virtual instrument answering requests from an oracle CSV, until Ctrl-C.
 
@@ -337,7 +339,10 @@ def robot(
 
     s = _settings()
     journal = s.data_dir / "robots" / f"{robot_id}.journal"
-    lab = VirtualLab(RobotClient(_kafka(s), _codec(s), robot_id=robot_id, journal=journal),
+    group = "labloop-robots" if not (campaign or assay) else \
+        "labloop-robots-" + "-".join(sorted(campaign or ["all"]) + sorted(assay or ["all"]))  # a group per fleet
+    lab = VirtualLab(RobotClient(_kafka(s), _codec(s), robot_id=robot_id, journal=journal, group_id=group,
+                                 campaigns=set(campaign) if campaign else None, assays=set(assay) if assay else None),
                      Oracle.from_csv(oracle, smiles_col, value_col),
                      LabConfig(latency_s=latency_s, noise_sd=noise_sd, failure_rate=failure_rate, plate_size=plate_size,
                                unit=unit))

@@ -12,7 +12,7 @@ from labloop.streams.runtime import EmbeddedBroker, ensure_topics
 
 REQ = {"request_id": "jr-r0000001", "campaign_id": "journal", "compound_id": "c1", "smiles": "CCO", "assay_id": "a",
        "priority": 0, "sequence": 1, "batch": 0, "policy": "ucb", "acquisition_score": None, "predicted_mean": None,
-       "predicted_std": None, "model_version": 0, "trained_on": {}, "event_time": 0, "expires_at": 0}
+       "predicted_std": None, "model_version": 0, "trained_on": {}, "event_time": 0, "expires_at": 2**53}
 
 
 def _take(robot: RobotClient, want: int, grace_s: float = 1.0, timeout_s: float = 20) -> list[str]:
@@ -48,3 +48,21 @@ def test_a_restarted_robot_never_takes_a_request_twice(broker: EmbeddedBroker, c
     control = RobotClient(conf, codec, robot_id="j", group_id="journal-3")  # no journal: takes them all again
     assert len(_take(control, 3)) == 3
     control.close()
+
+
+def test_a_robot_takes_only_live_requests_of_what_it_serves(broker: EmbeddedBroker, codec: Codec) -> None:
+    conf = {"bootstrap.servers": broker.bootstrap}
+    ensure_topics(conf)
+    p = make_producer(conf)
+    for rid, over in (("live-1", {}), ("expired-1", {"expires_at": 1}), ("other-campaign", {"campaign_id": "other"}),
+                      ("other-assay", {"assay_id": "b"}), ("live-2", {})):
+        rec = {**REQ, "campaign_id": "mine", "request_id": rid, **over}
+        p.produce(TOPICS["requests"].name, key=rec["campaign_id"].encode(), value=codec.encode("ExperimentRequest", rec))
+    p.flush(10)
+    robot = RobotClient(conf, codec, robot_id="picky", group_id="picky", campaigns={"mine"}, assays={"a"})
+    try:
+        assert sorted(_take(robot, 2, grace_s=2.0)) == ["live-1", "live-2"]
+        # Other tests' requests on this broker are not served either: at least the two here.
+        assert robot.skipped["expired"] == 1 and robot.skipped["not_served"] >= 2
+    finally:
+        robot.close()
