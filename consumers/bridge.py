@@ -85,12 +85,17 @@ class _Connection:
 
         self.conn = chdb.connect(path)
         self.lock = threading.Lock()
+        self._database: str | None = None  # the connection's current database
         for sql in setup:  # the limits first: once read-only, a connection cannot change its settings
             self.conn.query(sql)
 
     def query(self, sql: str, fmt: str, database: str) -> bytes:
         with self.lock:
-            self.conn.query(f"USE `{database.replace('`', '')}`")
+            if database != self._database:
+                self.conn.query(f"USE `{database.replace('`', '')}`")
+                self._database = database
+            if sql.lstrip()[:3].upper() == "USE":  # the operator switched databases itself
+                self._database = None
             return bytes(self.conn.query(sql, fmt).bytes())
 
 

@@ -169,11 +169,6 @@ class NystromDTC:
         """Training rows were dropped: accumulate the statistics again, abandon a redraw."""
         self.stats = self.redraw = None
 
-    def reset(self) -> None:
-        """Drop every statistic and cache (a learner loaded from its state)."""
-        self.stats = self.pool = self.quadratic = self.delta = self.redraw = None
-        self._since_redraw = []
-
     # ---- landmarks ------------------------------------------------------------------------
     def features(self, X: np.ndarray | list[Rows], chunk: int = 4096,
                  zfit: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ the event and the campaign's previous valid definition stays in force.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from labloop.models.acquisition import POLICIES
@@ -184,7 +184,3 @@ class CampaignSpec:
             return cls(**kwargs)
         except TypeError as exc:  # a missing field
             raise InvalidDefinition(str(record.get("campaign_id")), "record", f"is incomplete: {exc}") from None
-
-    def with_(self, **changes: Any) -> CampaignSpec:
-        """A copy with ``changes``, validated again."""
-        return replace(self, **changes)

@@ -1,4 +1,4 @@
-"""One worker's input progress: offsets handled, checkpoint floors, lag, and when to checkpoint.
+"""One worker's input progress: offsets handled, checkpoint floors, lag, and whether a checkpoint is due.
 
 A checkpoint may only claim what was handled: per input topic-partition, the *floor* is an
 offset below which every message was handled when the snapshots were taken (a batch in
@@ -8,7 +8,6 @@ harmless because every engine method is idempotent, so a floor only has to be lo
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -20,7 +19,7 @@ Span = tuple[str, int, int, int]  # topic, partition, first offset, last offset 
 
 @dataclass
 class Progress:
-    """Offsets, floors, lag and checkpoint timing of one worker's inputs.
+    """Offsets, floors, lag and checkpoint due-ness of one worker's inputs.
 
     Args:
         interval_s: seconds between checkpoints (0: never).
@@ -34,7 +33,6 @@ class Progress:
     lag: dict[TopicPartition, int] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)  # campaigns changed since their last snapshot
     dirty: bool = False  # anything handled since the last checkpoint
-    last_checkpoint: float = field(default_factory=time.monotonic)
 
     def handling(self, spans: Iterable[Span]) -> None:
         """A batch starts: on each of its partitions, everything below its first offset was handled."""
@@ -73,13 +71,3 @@ class Progress:
     def snapshotted(self, campaign_id: str) -> None:
         """The campaign's snapshot was taken (changes after it count for the next checkpoint)."""
         self.changed.discard(campaign_id)
-
-    def written(self) -> float:
-        """A checkpoint was written; returns the seconds since the one before."""
-        now = time.monotonic()
-        since, self.last_checkpoint = now - self.last_checkpoint, now
-        return since
-
-    def age_s(self) -> float:
-        """Seconds since the last checkpoint was written (or since start)."""
-        return time.monotonic() - self.last_checkpoint

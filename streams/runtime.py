@@ -298,7 +298,7 @@ class Stack:
                      "kafka_fetch_max_wait_backlog_ms", "worker_batch", "worker_batch_window_s",
                      "sink_batch_rows", "sink_flush_s", "sink_exactly_once", "sink_dedup_keys", "checkpoint_interval_s",
                      "model_process", "backlog_messages", "backlog_fit_share", "max_smiles_chars", "max_heavy_atoms",
-                     "max_plate_wells", "max_message_bytes"):
+                     "max_plate_wells", "max_message_bytes", "clickhouse_analyst_timeout_s"):
             value = getattr(self.settings, name)
             env[f"LABLOOP_{name.upper()}"] = str(value.resolve() if isinstance(value, Path) else value)
         for name in ("clickhouse_analyst_password", "clickhouse_operator_password"):  # unset: the children share the data dir's

@@ -364,7 +364,6 @@ class LabloopWorker:
         await self.app.producer.flush()
         t2 = time.perf_counter()
         await asyncio.get_running_loop().run_in_executor(self.chem_pool, store.write, floors, blobs, cids)
-        progress.written()
         t3 = time.perf_counter()
         log.info("checkpoint %d: %d of %d campaign(s), %.1f MB in %.0f ms (snapshots %.0f, flush %.0f, write %.0f)",
                  store.written, len(blobs), len(cids), store.last_bytes / 1e6, (t3 - t0) * 1000, (t1 - t0) * 1000,
