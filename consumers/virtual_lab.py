@@ -126,6 +126,15 @@ class VirtualLab:
         self.robot.flush()
 
     def run(self) -> None:
+        """Serve requests until :meth:`stop`: first the ones a previous run of this robot took on
+        and never finished (from its journal), then new ones."""
+        try:
+            self.handle(self.robot.unfinished())
+            self.robot.flush()  # results a previous run journaled and the broker never acknowledged
+        except Exception as exc:
+            log.exception("virtual lab failed")
+            self.errors.append(exc)
+            return
         while not self._stop.is_set():
             try:
                 self.handle(self.robot.poll(0.3))

@@ -36,9 +36,20 @@ def _settings() -> Settings:
 
 
 def _kafka(s: Settings) -> dict[str, str]:
-    if s.embedded_kafka:
-        raise typer.BadParameter("no broker: set LABLOOP_KAFKA_BOOTSTRAP (shown by `labloop up`)")
-    return s.kafka_config()
+    """Client settings: LABLOOP_KAFKA_BOOTSTRAP, else the embedded broker of the data directory
+    (the one `labloop up` runs there now, or last ran: a disk broker keeps its address)."""
+    if not s.embedded_kafka:
+        return s.kafka_config()
+    from labloop.streams.broker import BrokerIdentity
+    from labloop.streams.runtime import StackLock
+
+    bootstrap = str(StackLock(s.data_dir).info().get("bootstrap", ""))
+    ident = s.data_dir / "broker" / "broker.json"
+    if not bootstrap and ident.exists():
+        bootstrap = f"127.0.0.1:{BrokerIdentity.load_or_create(ident).port}"
+    if not bootstrap:
+        raise typer.BadParameter(f"no broker: set LABLOOP_KAFKA_BOOTSTRAP, or run `labloop up` on {s.data_dir}")
+    return {**s.kafka_config(), "bootstrap.servers": bootstrap}
 
 
 def _codec(s: Settings):  # type: ignore[no-untyped-def]
@@ -49,7 +60,9 @@ def _codec(s: Settings):  # type: ignore[no-untyped-def]
 
 def _banner(info: dict[str, object]) -> Table:
     t = Table(title="labloop is up", show_header=False)
-    t.add_row("Kafka bootstrap", str(info["bootstrap"]) + (" (embedded Tansu, in memory)" if info["embedded_kafka"] else ""))
+    where = {"disk": " (embedded Tansu, log on disk: kept across restarts)", "memory": " (embedded Tansu, in memory)"}
+    t.add_row("Kafka bootstrap", str(info["bootstrap"]) + (where.get(str(info.get("broker_log")), "")
+                                                             if info["embedded_kafka"] else ""))
     t.add_row("ClickHouse", str(info["clickhouse"]))
     t.add_row("ClickHouse HTTP", str(info["clickhouse_http"]))
     t.add_row("worker(s)", str(info["workers"]))
@@ -78,6 +91,7 @@ def up(workers: Annotated[int, typer.Option(help="Faust worker processes")] = 1,
     with lock, Stack(s, workers=workers) as stack:
         info: dict[str, object] = {
             "bootstrap": stack.bootstrap, "embedded_kafka": stack.broker is not None,
+            "broker_log": "disk" if stack.broker is not None and stack.broker.durable else "memory",
             "clickhouse": redact(s.clickhouse_target), "clickhouse_http": redact(stack.clickhouse_url),
             "workers": workers, "logs": str((s.data_dir / "logs").resolve()), "started_at": time.time()}
         lock.publish(info)

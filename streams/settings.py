@@ -26,6 +26,10 @@ class Settings(BaseSettings):
 
     # Kafka
     kafka_bootstrap: str = Field("", description="host:port[,host:port]; empty = start the embedded broker")
+    broker_storage: Literal["disk", "memory"] = Field(
+        "disk", description="the embedded broker's log: on disk under data_dir/broker (survives restarts), or in memory")
+    kafka_port: int = Field(0, ge=0, lt=65536, description="the embedded broker's port on its first start (0 = a free "
+                            "one); a disk broker keeps it across restarts")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None

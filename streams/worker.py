@@ -148,10 +148,15 @@ class LabloopWorker:
             self.models.close()
 
     # ---- output ---------------------------------------------------------------------------
-    async def emit(self, campaign_id: str, events: Iterable[Emit | Raw]) -> None:
+    async def emit(self, campaign_id: str, events: Iterable[Emit | Raw], acked: bool = False) -> None:
+        """Send ``events`` keyed by campaign; with ``acked``, return only once the broker has
+        acknowledged the last of each topic (a partition keeps their order)."""
+        last: dict[str, Any] = {}
         for e in events:
             value = e.value if isinstance(e, Raw) else self.codec.encode(e.name, e.record)
-            await self.topics[e.role].send(key=campaign_id.encode(), value=value)
+            last[e.role] = await self.topics[e.role].send(key=campaign_id.encode(), value=value)
+        if acked and last:
+            await asyncio.gather(*last.values())
 
     async def dead_letter(self, event: Any, stage: str, exc: BaseException) -> None:
         msg = event.message
@@ -219,7 +224,7 @@ class LabloopWorker:
             try:
                 if prev is not None:
                     await asyncio.wait([prev])
-                await self.emit(campaign_id, events)
+                await self.emit(campaign_id, events, acked=True)
             except Exception:  # never silently: the events are lost for this run, the log says which
                 log.exception("sending %d event(s) of campaign %s failed", len(events), campaign_id)
             finally:
@@ -264,7 +269,13 @@ class LabloopWorker:
                 except BaseException:
                     self.busy[campaign_id] -= 1
                     raise
+                prev = self.sending.get(campaign_id)
                 self._send_in_order(campaign_id, [*events, *(Raw("predictions", r) for r in raws)])
+                # Back-pressure: the next fit waits until the version before this one is sent. When the
+                # broker takes a version's predictions slower than the model makes them (a durable log
+                # on a busy machine), fits coalesce more readings instead of queueing versions in memory.
+                if prev is not None and not prev.done():
+                    await asyncio.wait([prev])
                 # A backlog: coalesce more of it into the next fit, and leave the cores to draining it.
                 until = time.perf_counter() + self._pace(time.perf_counter() - t0)
                 while time.perf_counter() < until and self.behind():
@@ -536,6 +547,10 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
         topic_disable_leader=True, broker_session_timeout=settings.kafka_session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
         consumer_auto_offset_reset="earliest", producer_linger_ms=5, processing_guarantee="at_least_once",
+        # A model version's predictions (a whole pool, ~100 bytes each) in a few large batches, not
+        # dozens of 16 KiB ones: the durable broker stores one object per batch, and its readers
+        # fetch one object per GET.
+        producer_max_batch_size=1024 * 1024, producer_max_request_size=4 * 1024 * 1024, producer_compression_type="lz4",
         stream_buffer_maxsize=max(4096, settings.worker_batch * 2),
     )
     app.labloop_fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms  # type: ignore[attr-defined]  # streams.faust_transport reads it

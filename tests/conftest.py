@@ -77,3 +77,20 @@ def cli(stack: Stack) -> Callable[..., subprocess.CompletedProcess[str]]:
                               timeout=120)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def define_campaign(codec: Codec) -> Callable[..., None]:
+    """``define_campaign(kafka_config, spec, csv)``: publish a campaign's definition, then its pool
+    (``csv``'s ``smiles`` column), as a chemist's tools would."""
+    from labloop.consumers.kafka import make_producer
+    from labloop.consumers.publisher import compound_rows, publish_records
+    from labloop.streams.campaign import now_ms
+
+    def run(kafka: dict[str, str], spec: object, csv: Path) -> None:
+        producer = make_producer(kafka)
+        publish_records(producer, codec, "campaigns", "Campaign", iter([spec.to_record(now_ms())]))  # type: ignore[attr-defined]
+        publish_records(producer, codec, "compounds", "CompoundRegistered", compound_rows(csv, spec.campaign_id))  # type: ignore[attr-defined]
+        producer.flush(30)
+
+    return run

@@ -16,10 +16,8 @@ from typing import Any
 import pytest
 
 from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab
-from labloop.consumers.kafka import make_consumer, make_producer
-from labloop.consumers.publisher import compound_rows, publish_records
+from labloop.consumers.kafka import make_consumer
 from labloop.schemas import TOPICS, Codec
-from labloop.streams.campaign import now_ms
 from labloop.streams.definition import CampaignSpec
 from labloop.streams.runtime import free_port
 
@@ -74,7 +72,8 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     _labloop(e, "down", "--timeout-s", "30")  # whatever a failed test left running
 
 
-def test_killed_worker_and_sink_come_back_under_labloop_up_and_the_campaign_finishes(env: dict[str, str]) -> None:
+def test_killed_worker_and_sink_come_back_under_labloop_up_and_the_campaign_finishes(
+        env: dict[str, str], define_campaign) -> None:  # type: ignore[no-untyped-def]
     up = _labloop(env, "up", "--detach")
     assert up.returncode == 0, up.stdout + up.stderr
     assert "labloop is up" in up.stdout
@@ -83,12 +82,8 @@ def test_killed_worker_and_sink_come_back_under_labloop_up_and_the_campaign_fini
     assert second.returncode == 2 and "already running" in second.stderr and str(info["pid"]) in second.stderr
     kafka = {"bootstrap.servers": info["bootstrap"]}
     codec = Codec()
-    producer = make_producer(kafka)
-    spec = CampaignSpec(CID, "tpsa", "A^2", batch_size=BATCH, init_size=BATCH, budget=BUDGET, min_pool_size=300,
-                        request_ttl_s=600.0, seed=4)
-    publish_records(producer, codec, "campaigns", "Campaign", iter([spec.to_record(now_ms())]))
-    publish_records(producer, codec, "compounds", "CompoundRegistered", compound_rows(DATA, CID))
-    producer.close()
+    define_campaign(kafka, CampaignSpec(CID, "tpsa", "A^2", batch_size=BATCH, init_size=BATCH, budget=BUDGET,
+                                        min_pool_size=300, request_ttl_s=600.0, seed=4), DATA)
     worker = _one(info["pid"], "labloop.streams.cli worker")
     sink = _one(info["pid"], "labloop.streams.cli sink")
     lab = VirtualLab(RobotClient(kafka, codec, robot_id="supervised-robot"), Oracle.from_csv(DATA, "smiles", "tpsa"),

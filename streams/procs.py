@@ -1,0 +1,70 @@
+"""Child processes of the stack: ports, readiness, and dying with the parent."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from typing import Any
+
+from labloop.schemas import LabloopError
+
+__all__ = ["RuntimeFailure", "die_with_parent", "free_port", "port_in_use", "wait_for_port"]
+
+
+class RuntimeFailure(LabloopError):
+    """A component of the stack did not start or died."""
+
+
+_PR_SET_PDEATHSIG = 1
+try:  # looked up once, here: between fork and exec a child must not load libraries (other threads may hold locks)
+    _PRCTL: Any = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
+
+
+def die_with_parent(parent: int) -> Any:
+    """A ``preexec_fn``: the child gets SIGTERM when the process that started it dies, however it
+    dies (SIGKILL included), so a killed ``labloop up`` leaves no orphans. Linux only; elsewhere
+    nothing."""
+
+    def arm() -> None:
+        if _PRCTL is None:
+            return
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    """Something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.3).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeFailure(f"{what or 'process'} exited with code {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeFailure(f"{what or 'process'} did not listen on 127.0.0.1:{port} within {timeout_s:.0f}s")
