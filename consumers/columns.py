@@ -82,6 +82,7 @@ class Batch:
         self.cluster = cluster
         self.names = [n for n, _ in table.columns] + [n for n, _ in PROVENANCE]
         self.columns: list[_Column] = [_Column() for _ in self.names]
+        self._arrays = {n for n, typ in table.columns if typ.startswith("Array(")}  # a list there is one row's value
         self.ranges: dict[tuple[str, int], list[int]] = {}
         self.rows = 0
 
@@ -99,7 +100,7 @@ class Batch:
                           for k, v in values.items()}
         for col, name in zip(self.columns, self.names[:-4], strict=False):
             v = values.get(name)
-            if isinstance(v, list):
+            if isinstance(v, list) and name not in self._arrays:
                 col.extend(v)
             else:
                 col.run(v, n)
@@ -134,6 +135,8 @@ _ARROW = {"String": pa.string(), "Float64": pa.float64(), "Int32": pa.int32(), "
 def _arrow_type(typ: str) -> pa.DataType:
     if typ == "Map(String, Int64)":
         return pa.map_(pa.string(), pa.int64())
+    if typ == "Array(String)":
+        return pa.list_(pa.string())
     inner = re.sub(r"^(Nullable|LowCardinality)\((.*)\)$", r"\2", typ)
     inner = re.sub(r"^(Nullable|LowCardinality)\((.*)\)$", r"\2", inner)
     if inner.startswith("DateTime64"):
@@ -171,7 +174,7 @@ class _Column:
         t = _arrow_type(typ)
         lengths = np.asarray(self.lengths, dtype=np.int64)
         if (any(v is None for v in self.runs) or name in ("raw", "source_key") or pa.types.is_boolean(t)
-                or pa.types.is_map(t)):
+                or pa.types.is_map(t) or pa.types.is_list(t)):
             return _arrow_column(name, typ, [v for v, n in zip(self.runs, self.lengths, strict=True) for _ in range(n)])
         if pa.types.is_string(t):
             indices = np.repeat(np.arange(len(self.runs), dtype=np.int32), lengths)

@@ -19,11 +19,14 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from labloop.consumers.columns import Batch, Seen
 from labloop.consumers.errors import SinkError
@@ -36,6 +39,46 @@ __all__ = ["ClickHouseSink", "InsertHook"]
 log = logging.getLogger("labloop.sink")
 
 InsertHook = Callable[[int, str], None]  # (insert number from 1, "before" | "after"): fault injection
+
+class SinkMetrics(Collector):
+    """The sink's Prometheus metrics: ``labloop_sink_rows_total{table}``,
+    ``labloop_sink_rows_per_second``, ``labloop_sink_insert_seconds`` (histogram),
+    ``labloop_sink_duplicates_total`` (rows not stored again: by natural key, or by offset after a
+    restart) and ``labloop_consumer_lag{topic,partition}``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.insert = Histogram("labloop_sink_insert_seconds", "one ClickHouse insert, acknowledged",
+                                buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+                                registry=self.registry)
+        self.registry.register(self)
+        self.rows: dict[str, int] = {}
+        self.dropped = 0
+        self.lag: dict[tuple[str, int], int] = {}
+        self.assigned = 0
+        self.rate = 0.0
+        self._prev: tuple[float, int] | None = None
+
+    def set(self, rows: dict[str, int], dropped: int, lag: dict[tuple[str, int], int], assigned: int) -> None:
+        now, total = time.monotonic(), sum(rows.values())
+        if self._prev is not None and now > self._prev[0]:
+            self.rate = max(0.0, (total - self._prev[1]) / (now - self._prev[0]))
+        self._prev = (now, total)
+        self.rows, self.dropped, self.lag, self.assigned = rows, dropped, lag, assigned
+
+    def collect(self) -> Iterator[Any]:
+        rows = CounterMetricFamily("labloop_sink_rows", "rows inserted into ClickHouse", labels=["table"])
+        for t, n in sorted(self.rows.items()):
+            rows.add_metric([t], n)
+        yield rows
+        yield GaugeMetricFamily("labloop_sink_rows_per_second", "rows inserted per second, lately", value=self.rate)
+        yield CounterMetricFamily("labloop_sink_duplicates", "rows not stored because they already were",
+                                  value=self.dropped)
+        lag = GaugeMetricFamily("labloop_consumer_lag", "messages behind the high watermark", labels=["topic", "partition"])
+        for (topic, part), n in sorted(self.lag.items()):
+            lag.add_metric([topic, str(part)], n)
+        yield lag
+
 
 class ClickHouseSink:
     """Kafka -> ClickHouse, one table per topic.
@@ -74,6 +117,9 @@ class ClickHouseSink:
         self.last_flush_at = 0.0  # perf_counter() after the last insert was acknowledged
         self.assigned_at = 0.0  # perf_counter() when the group gave this sink its partitions
         self._stop = threading.Event()
+        self.metrics = SinkMetrics()
+        self._observed_at = 0.0
+        self.on_tick: Callable[[], None] | None = None  # called every ~2 s from the loop (a health check's tick)
 
     def stop(self) -> None:
         self._stop.set()
@@ -122,6 +168,8 @@ class ClickHouseSink:
                         self._flush(batches, offsets)
                         batches, offsets, last_flush = {}, {}, time.monotonic()
                 now = time.monotonic()
+                if now - self._observed_at >= 2.0:
+                    self._observe(now)
                 if offsets and now - last_flush >= self.flush_s:
                     self._flush(batches, offsets)
                     batches, offsets, last_flush = {}, {}, now
@@ -131,6 +179,20 @@ class ClickHouseSink:
                 self._flush(batches, offsets)
         finally:
             self.consumer.close()
+
+    def _observe(self, now: float) -> None:
+        """Refresh what ``/metrics`` and ``/readyz`` report (on the sink's own thread)."""
+        self._observed_at = now
+        lag: dict[tuple[str, int], int] = {}
+        parts = self.consumer.assignment()
+        for tp, pos in zip(parts, self.consumer.position(parts) if parts else [], strict=False):
+            low, high = self.consumer.get_watermark_offsets(tp, cached=True) or (-1, -1)
+            if high >= 0 and pos.offset >= 0:
+                lag[(tp.topic, tp.partition)] = max(0, high - pos.offset)
+        dropped = (self.seen.dropped if self.seen is not None else 0) + self.already_stored
+        self.metrics.set(dict(self.rows_inserted), dropped, lag, len(parts))
+        if self.on_tick is not None:
+            self.on_tick()
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         """Before reading newly assigned partitions: what of them is already in ClickHouse?
@@ -177,11 +239,13 @@ class ClickHouseSink:
             self._inserts += 1
             if self.on_insert is not None:
                 self.on_insert(self._inserts, "before")
+            t0 = time.perf_counter()
             try:
                 with self.lock:
                     self.client.insert_arrow(b.table.name, table, settings=settings)
             except ClickHouseError as exc:
                 raise SinkError(f"insert into {b.table.name} failed: {exc}") from exc
+            self.metrics.insert.observe(time.perf_counter() - t0)
             self.rows_inserted[b.table.name] += b.size
             if self.on_insert is not None:
                 self.on_insert(self._inserts, "after")

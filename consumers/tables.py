@@ -103,12 +103,13 @@ TABLES: dict[str, Table] = {t.name: t for t in (
                             ("n_train", "Int64"), ("n_new", "Int64"), ("n_measured", "Int64"), ("n_failed", "Int64"),
                             ("n_pending", "Int64"), ("n_requested", "Int64"), ("pool_size", "Int64"),
                             ("best_value", "Nullable(Float64)"), ("train_s", "Float64"), ("done", "Bool"), ("n_readings", "Int64"),
-                            ("trained_on", "Map(String, Int64)"),
-                            ("event_time", TS)], "(campaign_id, model_version, event_time)", _same,
+                            ("trained_on", "Map(String, Int64)"), ("live_n", "Int64"), ("live_rmse", "Nullable(Float64)"),
+                            ("live_nll", "Nullable(Float64)"), ("live_coverage90", "Nullable(Float64)"),
+                            ("live_spearman", "Nullable(Float64)"), ("event_time", TS)], "(campaign_id, model_version, event_time)", _same,
           ("campaign_id", "model_version", "done")),
     Table("dead_letters", [("source_topic", LS), ("source_partition", "Int32"), ("source_offset", "Int64"),
                            ("source_key", "Nullable(String)"), ("stage", LS), ("service", LS), ("error_class", LS),
-                           ("error_message", S), ("raw", S), ("event_time", TS)],
+                           ("error_message", S), ("raw", S), ("rejected_ids", "Array(String)"), ("event_time", TS)],
           "(source_topic, source_partition, source_offset)", _same,
           ("source_topic", "source_partition", "source_offset", "error_message")),
 )}
@@ -165,5 +166,13 @@ def create_tables(client: Client, dedup_window: int = 10_000) -> None:
         for n, typ in cols:
             if n not in existing:
                 client.command(f"ALTER TABLE {t.name} ADD COLUMN IF NOT EXISTS `{n}` {typ}")
+    # What the loop accepted: readings minus those its worker dead-lettered (wrong unit, unknown
+    # compound or request, out of range...). A rejected row is matched by its own message and id, so
+    # the same id sent again, correctly, counts.
+    client.command(
+        "CREATE VIEW IF NOT EXISTS accepted_readings AS SELECT * FROM readings "
+        "WHERE (_topic, _partition, _offset, reading_id) NOT IN ("
+        "SELECT source_topic, toUInt16(source_partition), toUInt64(source_offset), arrayJoin(rejected_ids) "
+        "FROM dead_letters)")
 
 

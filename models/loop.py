@@ -163,6 +163,11 @@ class PoolState:
         """Observations the learner has not seen yet."""
         return bool(self._new)
 
+    @property
+    def unlearned(self) -> int:
+        """Measurements observed that no fit has taken yet."""
+        return len(self._new)
+
     def take_new(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Hand over the unseen observations: ``(y_new, keys, X_pool)`` with ``y`` already oriented
         (higher is better), ``keys`` their pool positions and ``X_pool`` the pool as it is now
@@ -187,6 +192,14 @@ class PoolState:
         """Install a finished fit as the next model version."""
         self.model_version += 1
         self._pred = pred if pred[0].shape[0] == self.size else None  # the pool grew meanwhile: rescore lazily
+
+    def current_prediction(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The model in force's ``(mean, std)`` over the pool (objective units), if it scored the
+        whole pool as it is now; None before the first fit or after the pool grew (no rescoring
+        here: this is called with readings arriving)."""
+        if self.model_version == 0 or self._pred is None or self._pred[0].shape[0] != self.size:
+            return None
+        return self._pred
 
     def retrain(self) -> bool:
         """Feed the learner every observation it has not seen and score the pool; True if it learned."""

@@ -16,6 +16,7 @@ import numpy as np
 from labloop.models import PoolState
 from labloop.models.learners import pack_rows, unpack_rows
 from labloop.models.loop import FAILED, MEASURED, PENDING
+from labloop.models.quality import LiveScore
 from labloop.models.state import pack_strings, unpack_strings
 from labloop.schemas import Codec, InvalidEvent
 from labloop.schemas.codec import avro_string
@@ -183,6 +184,7 @@ class CampaignRuntime:
     applied_offsets: dict[str, int] = field(default_factory=dict)
     model_offsets: dict[int, dict[str, int]] = field(default_factory=dict)
     done_announced: bool = False
+    live: LiveScore = field(default_factory=LiveScore)  # prospective accuracy of the objective's model
     _staged: list[np.ndarray] = field(default_factory=list)
     # Checkpoints store seen_readings incrementally: ids applied since the last snapshot, and the
     # packed chunks of those before (a snapshot then costs the new ids, not all of them).
@@ -220,7 +222,7 @@ class CampaignRuntime:
             "seen": list(self._seen_chunks), "n_requested": self.n_requested, "n_issued": self.n_issued,
             "n_batches": self.n_batches, "n_readings": self.n_readings, "applied_offsets": dict(self.applied_offsets),
             "model_offsets": {str(v): dict(o) for v, o in self.model_offsets.items()},
-            "done_announced": self.done_announced,
+            "done_announced": self.done_announced, "live": self.live.state_dict(),
             "staged": pack_rows(np.concatenate(self._staged)) if self._staged else None}
 
     @classmethod
@@ -251,6 +253,7 @@ class CampaignRuntime:
         rt.applied_offsets = {str(k): int(v) for k, v in state["applied_offsets"].items()}
         rt.model_offsets = {int(v): {str(k): int(o) for k, o in offs.items()} for v, offs in state["model_offsets"].items()}
         rt.done_announced = bool(state["done_announced"])
+        rt.live = LiveScore.from_state(state.get("live"))  # absent in checkpoints written before it existed
         rt._staged = [unpack_rows(state["staged"])] if state["staged"] is not None else []
         return rt
 
@@ -345,7 +348,11 @@ class CampaignRuntime:
                 idx.append(ci)
                 vals.append(v)
         if idx:
-            self.pool.observe(np.array(idx), np.array(vals, dtype=np.float64))
+            at, y = np.array(idx), np.array(vals, dtype=np.float64)
+            pred = self.pool.current_prediction()
+            if pred is not None:  # scored by the model in force, before it learns them
+                self.live.add(pred[0][at], pred[1][at], y, self.pool.model_version)
+            self.pool.observe(at, y)
         return errors
 
     def restore_request(self, r: Record) -> bool:
@@ -464,13 +471,16 @@ class CampaignRuntime:
         best = None
         if measured.size:
             best = float(measured.max() if self.definition.maximize else measured.min())
-        done = self.n_requested >= self.definition.budget and pool.count(PENDING) == 0
+        # Done once the budget is spent, nothing is in flight, and the model has learned every reading: a
+        # fit that started before the last readings arrived is not the final model.
+        done = self.n_requested >= self.definition.budget and pool.count(PENDING) == 0 and pool.unlearned == 0
         out = [Emit("model_updates", "ModelUpdate", {
             "campaign_id": self.campaign_id, "model_version": pool.model_version, "learner": self.definition.learner,
             "device": device, "n_train": pool.learner.n_seen, "n_new": n_new, "n_measured": int(measured.size),
             "n_failed": pool.count(FAILED), "n_pending": pool.count(PENDING), "n_requested": self.n_requested,
             "pool_size": pool.size, "best_value": best, "train_s": train_s, "done": done,
-            "n_readings": n_readings, "trained_on": self.model_offsets.get(pool.model_version, {}), "event_time": t})]
+            "n_readings": n_readings, "trained_on": self.model_offsets.get(pool.model_version, {}),
+            **{f"live_{k}": v for k, v in self.live.summary().items()}, "event_time": t})]
         if done:
             self.done_announced = True
         return out

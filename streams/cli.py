@@ -66,6 +66,8 @@ def _banner(info: dict[str, object]) -> Table:
     t.add_row("ClickHouse", str(info["clickhouse"]))
     t.add_row("ClickHouse HTTP", str(info["clickhouse_http"]))
     t.add_row("worker(s)", str(info["workers"]))
+    for name, port in dict(info.get("health", {})).items():  # type: ignore[call-overload]
+        t.add_row(f"{name} health", f"http://127.0.0.1:{port}/metrics  (/healthz, /readyz)")
     t.add_row("logs", str(info["logs"]))
     t.add_row("pid", f"{info['pid']} (`labloop down` stops it)")
     t.add_row("clients", f"export LABLOOP_KAFKA_BOOTSTRAP={info['bootstrap']}")
@@ -93,7 +95,8 @@ def up(workers: Annotated[int, typer.Option(help="Faust worker processes")] = 1,
             "bootstrap": stack.bootstrap, "embedded_kafka": stack.broker is not None,
             "broker_log": "disk" if stack.broker is not None and stack.broker.durable else "memory",
             "clickhouse": redact(s.clickhouse_target), "clickhouse_http": redact(stack.clickhouse_url),
-            "workers": workers, "logs": str((s.data_dir / "logs").resolve()), "started_at": time.time()}
+            "workers": workers, "logs": str((s.data_dir / "logs").resolve()), "started_at": time.time(),
+            "health": stack.health_ports}
         lock.publish(info)
         console.print(_banner({**info, "pid": os.getpid()}))
         stop = False
@@ -168,6 +171,107 @@ def down(timeout_s: Annotated[float, typer.Option(help="wait this long for a cle
         console.print(f"labloop (pid {pid}) stopped")
 
 
+def _probe(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
+            return int(r.status), r.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode(errors="replace")
+    except OSError as exc:
+        return 0, str(exc)
+
+
+_CAMPAIGNS_SQL = """
+SELECT c.campaign_id, c.budget, r.req, r.req - r.closed, m.meas, m.best, m.ver, m.rmse, m.cover, m.live, m.fin,
+       m.campaign_id != ''
+FROM (SELECT campaign_id, argMax(budget, event_time) AS budget FROM campaigns GROUP BY campaign_id) AS c
+LEFT JOIN (
+    SELECT q.campaign_id AS campaign_id, q.req AS req, ifNull(st.closed, 0) AS closed
+    FROM (SELECT campaign_id, uniqExact(request_id) AS req FROM requests GROUP BY campaign_id) AS q
+    LEFT JOIN (SELECT campaign_id, uniqExactIf(request_id, status IN ('COMPLETED', 'FAILED', 'EXPIRED')) AS closed
+               FROM request_status GROUP BY campaign_id) AS st ON q.campaign_id = st.campaign_id) AS r
+    ON c.campaign_id = r.campaign_id
+LEFT JOIN (
+    SELECT campaign_id, argMax(n_measured, k) AS meas, argMax(best_value, k) AS best, max(model_version) AS ver,
+           argMax(live_rmse, k) AS rmse, argMax(live_coverage90, k) AS cover, argMax(live_n, k) AS live,
+           max(done) AS fin
+    FROM (SELECT *, (model_version, done, event_time) AS k FROM model_updates)
+    GROUP BY campaign_id) AS m ON c.campaign_id = m.campaign_id
+ORDER BY c.campaign_id
+"""
+
+
+@app.command()
+def status() -> None:
+    """One screen: the stack's components and their health, the lag, and every campaign's progress
+    (requested / measured / in flight / budget, best so far, model version, live error, done).
+
+    Exit code 0 when every component is healthy, 1 when one is not, 2 when nothing runs here.
+    """
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from labloop.streams.runtime import StackLock
+    from labloop.streams.sql import analyst_client
+
+    s = _settings()
+    lock = StackLock(s.data_dir)
+    running = lock.held_elsewhere()
+    info = lock.info() if running else {}
+    comps = Table(title=f"labloop on {s.data_dir}" + ("" if running else ": not running"))
+    for c in ("component", "health", "ready", "detail"):
+        comps.add_column(c)
+    healthy = running
+    if running:
+        comps.add_row("labloop up", "ok", "", f"pid {info.get('pid')}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(info.get('started_at', 0))))}")
+        host, _, port = str(info.get("bootstrap", "")).rpartition(":")
+        from labloop.streams.procs import port_in_use
+
+        broker_ok = host == "127.0.0.1" and port.isdigit() and port_in_use(int(port))
+        if info.get("embedded_kafka"):
+            comps.add_row("broker", "ok" if broker_ok else "[red]down[/]", "", f"{info.get('bootstrap')} "
+                          f"(log {'on disk' if info.get('broker_log') == 'disk' else 'in memory'})")
+            healthy &= broker_ok
+    lag_total = 0
+    for name, port in dict(info.get("health", {})).items():
+        code_h, _ = _probe(int(port), "/healthz")
+        code_r, why = _probe(int(port), "/readyz")
+        healthy &= code_h == 200
+        comps.add_row(name, "ok" if code_h == 200 else f"[red]{code_h or 'unreachable'}[/]",
+                      "yes" if code_r == 200 else "[yellow]no[/]", why.strip().removeprefix("ready: ")[:80])
+        code_m, text = _probe(int(port), "/metrics")
+        if code_m == 200 and name.startswith("worker"):
+            for fam in text_string_to_metric_families(text):
+                if fam.name == "labloop_consumer_lag":
+                    lag_total += int(sum(smp.value for smp in fam.samples))
+    console.print(comps)
+    if running:
+        console.print(f"worker input lag: {lag_total:,} message(s)")
+    try:
+        rows = analyst_client(s).query(_CAMPAIGNS_SQL).result_rows
+    except Exception as exc:  # the driver's errors carry ClickHouse's message
+        why = re.sub(r"//[^/@\s]+@", "//***@", str(exc))  # a server DSN's password never reaches the screen
+        err.print(f"[red]cannot read the campaigns from ClickHouse:[/] {why}")
+        raise typer.Exit(1 if running else 2) from None
+    camps = Table(title="campaigns")
+    for c in ("campaign", "state", "requested", "measured", "in flight", "budget", "best", "model", "live RMSE",
+              "live 90% cover"):
+        camps.add_column(c, justify="left" if c in ("campaign", "state") else "right")
+    for cid, budget, req, flight, meas, best, version, rmse, cover, live_n, done, has_model in rows:
+        state = "done" if done else ("running" if has_model or req else "waiting for its pool")
+        fmt = (lambda v: "-" if v is None else f"{v:.3g}")  # noqa: E731
+        camps.add_row(cid, state, str(req or 0), str(meas if has_model else 0), str(flight or 0), str(budget),
+                      fmt(best), str(version if has_model else "-"), fmt(rmse) + (f" (n={live_n})" if live_n else ""),
+                      fmt(cover))
+    console.print(camps)
+    raise typer.Exit(0 if healthy else (1 if running else 2))
+
+
 @app.command(hidden=True)
 def worker() -> None:
     """Run one Faust worker (started by `labloop up`)."""
@@ -188,6 +292,10 @@ def worker() -> None:
     from labloop.streams.recovery import rebuild
 
     faust_app, w = create_app(s, _kafka(s)["bootstrap.servers"])
+    from labloop.consumers.health import HealthServer
+
+    w.health = HealthServer(s.health_port, w.metrics.registry, w.ready).start()  # answers /healthz during the restore
+    logging.getLogger("labloop.worker").warning("health and metrics on http://127.0.0.1:%d/metrics", w.health.port)
     group = str(faust_app.conf.id)
     cluster = AdminClient(dict(_kafka(s))).list_topics(timeout=30).cluster_id or ""  # type: ignore[arg-type]
     w.checkpoints = CheckpointStore(s.data_dir / "checkpoints" / f"{group}-{s.worker_id}", cluster, group)

@@ -169,6 +169,11 @@ class Stack:
         return {**self.settings.kafka_config(), "bootstrap.servers": self.bootstrap}
 
     @property
+    def health_ports(self) -> dict[str, int]:
+        """Child name -> the loopback port of its ``/healthz``, ``/readyz`` and ``/metrics``."""
+        return {p.name: int(p.env["LABLOOP_HEALTH_PORT"]) for p in self.procs if "LABLOOP_HEALTH_PORT" in p.env}
+
+    @property
     def analyst_url(self) -> str:
         """``clickhouse_url`` with the analyst's credentials and the database (for clients)."""
         if self.settings.embedded_clickhouse:
@@ -231,11 +236,11 @@ class Stack:
             if self.settings.embedded_clickhouse and port_in_use(port):
                 raise RuntimeFailure(f"127.0.0.1:{port} is already in use (another labloop, or a ClickHouse server?): "
                                      f"set LABLOOP_CLICKHOUSE_HTTP_PORT to a free port")
-            sink = self._spawn("sink", "sink")
+            sink = self._spawn("sink", "sink", env={"LABLOOP_HEALTH_PORT": str(free_port())})
             if self.settings.embedded_clickhouse:
                 wait_for_port(self.settings.clickhouse_http_port, 60, sink.proc, "ClickHouse sink")
         for i in range(self.workers):
-            self._spawn(f"worker-{i}", "worker", env={"LABLOOP_WORKER_ID": str(i)})
+            self._spawn(f"worker-{i}", "worker", env={"LABLOOP_WORKER_ID": str(i), "LABLOOP_HEALTH_PORT": str(free_port())})
         return self
 
     def restart(self, name: str, *, module: str | None = None, args: tuple[str, ...] | None = None, **env: str) -> None:

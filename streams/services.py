@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 
 from labloop.consumers import ClickHouseSink, HttpBridge, connect, create_tables
+from labloop.consumers.health import HealthServer
 from labloop.consumers.sink import InsertHook
 from labloop.schemas import Codec
 from labloop.streams.runtime import RuntimeFailure
 from labloop.streams.settings import Settings
 
 __all__ = ["run_sink"]
+
+log = logging.getLogger("labloop.sink")
 
 
 def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> None:
@@ -28,12 +32,18 @@ def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> None:
     bridge = HttpBridge(s.clickhouse_target.removeprefix("chdb://"), s.clickhouse_http_port, s.clickhouse_database,
                         s.http_passwords(), timeout_s=s.clickhouse_analyst_timeout_s).start() \
         if s.embedded_clickhouse else None
+    health = HealthServer(s.health_port, snk.metrics.registry, lambda: (
+        snk.metrics.assigned > 0, f"{snk.metrics.assigned} partition(s) assigned" if snk.metrics.assigned
+        else "waiting for the consumer group to assign partitions"), stale_s=30.0).start()
+    log.warning("health and metrics on http://127.0.0.1:%d/metrics", health.port)
+    snk.on_tick = health.tick
     signal.signal(signal.SIGTERM, lambda *_: snk.stop())
     try:
         snk.run()
     except KeyboardInterrupt:
         pass
     finally:
+        health.stop()
         if bridge:
             bridge.stop()
         client.close()

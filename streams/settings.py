@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     model_process: bool = Field(True, description="fit in a child process (false: on a thread of the worker)")
     checkpoint_interval_s: float = Field(10.0, description="how often a worker checkpoints its campaigns (0 = never)")
     worker_id: str = Field("0", description="names this worker's checkpoint; a replacement reuses its predecessor's id")
+    health_port: int = Field(0, ge=0, lt=65536, description="loopback port of a worker's or sink's /healthz, /readyz and "
+                             "/metrics (0 = a free one; `labloop up` chooses and prints them)")
     log_level: Literal["debug", "info", "warn", "error"] = "warn"
 
     @property

@@ -57,6 +57,7 @@ from labloop.streams.campaign import (
 from labloop.streams.checkpoint import CheckpointStore
 from labloop.streams.engine import CampaignEngine
 from labloop.streams.faust_transport import set_fetch_max_wait
+from labloop.streams.metrics import WorkerMetrics
 from labloop.streams.modelhost import ModelHost, ModelHostError, RemoteLearner
 from labloop.streams.progress import Progress
 from labloop.streams.settings import Settings
@@ -68,6 +69,7 @@ SERVICE = "labloop-worker"
 # A dead letter keeps its message's bytes whole up to 256 KiB (a 1,536-well plate is ~80 KB), else
 # their first 64 KiB: a 1 MB message's dead letter did not fit aiokafka's produce request.
 _DEAD_LETTER_RAW_MAX, _DEAD_LETTER_RAW_KEPT = 262_144, 65_536
+_DEAD_LETTER_IDS_MAX = 20_000  # rejected ids listed in one dead letter (a plate within the message cap has fewer)
 
 
 def _credentials(settings: Settings) -> Any:
@@ -113,6 +115,14 @@ class LabloopWorker:
         self._fetch_wait_ms = settings.kafka_fetch_max_wait_ms  # the consumer starts with it
         self.topics = {role: app.topic(t.name, key_type=bytes, value_type=bytes, partitions=t.partitions)
                        for role, t in TOPICS.items()}
+        self.metrics = WorkerMetrics()
+        self.health: Any = None  # the HealthServer, when the worker command started one
+        self.checkpoint_at: float | None = None  # time.time() when the checkpoint last covered every change
+        self.readiness: tuple[bool, str] = (False, "starting")  # set on the event loop, read by /readyz
+
+    def ready(self) -> tuple[bool, str]:
+        """For ``/readyz``: restored, consuming, and its timer running (see :meth:`on_timer`)."""
+        return self.readiness
 
     @property
     def lag(self) -> dict[tuple[str, int], int]:
@@ -158,7 +168,9 @@ class LabloopWorker:
         if acked and last:
             await asyncio.gather(*last.values())
 
-    async def dead_letter(self, event: Any, stage: str, exc: BaseException) -> None:
+    async def dead_letter(self, event: Any, stage: str, exc: BaseException, rejected_ids: Iterable[str] = ()) -> None:
+        """One DeadLetter for ``event``'s message; ``rejected_ids``: the records of it that were
+        refused (reading ids), so that analysts' ``accepted_readings`` leaves them out."""
         msg = event.message
         log.warning("dead letter from %s[%s]@%s (%s): %s", msg.topic, msg.partition, msg.offset, stage, exc)
         raw = msg.value if isinstance(msg.value, bytes) else b""
@@ -166,10 +178,12 @@ class LabloopWorker:
         if len(raw) > _DEAD_LETTER_RAW_MAX:  # a dead letter must fit a produce request, and not be what floods the topic
             note = f" [raw: the first {_DEAD_LETTER_RAW_KEPT:,} of {len(raw):,} bytes]"
             raw = raw[:_DEAD_LETTER_RAW_KEPT]
+        self.metrics.dead_letters.labels(type(exc).__name__, stage).inc()
         rec = {"source_topic": msg.topic, "source_partition": msg.partition, "source_offset": msg.offset,
                "source_key": msg.key if isinstance(msg.key, bytes | None) else str(msg.key).encode(),
                "stage": stage, "service": SERVICE, "error_class": type(exc).__name__,
-               "error_message": str(exc)[:2000] + note, "raw": raw, "event_time": now_ms()}
+               "error_message": str(exc)[:2000] + note, "raw": raw, "rejected_ids": list(rejected_ids),
+               "event_time": now_ms()}
         await self.topics["dead_letters"].send(key=msg.topic.encode(), value=self.codec.encode("DeadLetter", rec))
 
     def decode(self, ev: Any, expect: tuple[str, ...], now: int) -> Record:
@@ -262,6 +276,8 @@ class LabloopWorker:
                 try:
                     t0 = time.perf_counter()
                     pred, raws = await loop.run_in_executor(self.model_pool, self._fit_and_encode, rt, update, version)
+                    self.metrics.fit.observe(time.perf_counter() - t0)
+                    self.metrics.predictions.inc(int(pred[0].shape[0]))
                     async with lock:
                         events = engine.commit_update(campaign_id, update, pred, time.perf_counter() - t0, device)
                         assert rt.pool.model_version == version
@@ -376,6 +392,7 @@ class LabloopWorker:
         t2 = time.perf_counter()
         await asyncio.get_running_loop().run_in_executor(self.chem_pool, store.write, floors, blobs, cids)
         t3 = time.perf_counter()
+        self.checkpoint_at = time.time()
         log.info("checkpoint %d: %d of %d campaign(s), %.1f MB in %.0f ms (snapshots %.0f, flush %.0f, write %.0f)",
                  store.written, len(blobs), len(cids), store.last_bytes / 1e6, (t3 - t0) * 1000, (t1 - t0) * 1000,
                  (t2 - t1) * 1000, (t3 - t2) * 1000)
@@ -449,10 +466,10 @@ class LabloopWorker:
             by_campaign[r["campaign_id"]].append((ev, r))
         engine = self.engine
         for cid, items in by_campaign.items():
-            rejected: list[tuple[Any, LabloopError]] = []
+            rejected: list[tuple[Any, Record, LabloopError]] = []
             async with self.locks[cid]:
                 if not engine.defined(cid):  # one dead letter per message, as each names its campaign
-                    rejected = [(ev, e) for ev, r in items for e in engine.readings(cid, r["assay_id"], r["unit"], [r])]
+                    rejected = [(ev, r, e) for ev, r in items for e in engine.readings(cid, r["assay_id"], r["unit"], [r])]
                 else:
                     groups: dict[tuple[str, str], list[tuple[Any, Record]]] = defaultdict(list)
                     for ev, r in items:
@@ -464,10 +481,11 @@ class LabloopWorker:
                     sources = [(t, p, o) for (t, p), o in last.items()]
                     for (assay, unit), group in groups.items():
                         for err in engine.readings(cid, assay, unit, [r for _, r in group], sources):
-                            rejected.append((group[err.index][0] if err.index is not None else group[0][0], err))
+                            ev, r = group[err.index] if err.index is not None else group[0]
+                            rejected.append((ev, r, err))
                         sources = []
-            for ev, problem in rejected:
-                await self.dead_letter(ev, "validate", problem)
+            for ev, r, problem in rejected:
+                await self.dead_letter(ev, "validate", problem, [r["reading_id"]])
             if cid in engine:
                 self.tick(cid)
 
@@ -480,13 +498,16 @@ class LabloopWorker:
             try:
                 check_plate(plate, self.settings.max_plate_wells)
             except InvalidEvent as exc:
-                await self.dead_letter(ev, "validate", exc)
+                await self.dead_letter(ev, "validate", exc, _well_ids(plate))
                 continue
             async with self.locks[cid]:
                 errors = self.engine.readings(cid, plate["assay_id"], plate["unit"], plate["wells"],
                                               [(m.topic, m.partition, m.offset)] if self.engine.defined(cid) else [])
             if errors:  # one dead letter for the plate, listing its bad wells
-                await self.dead_letter(ev, "validate", plate_error(plate, errors))
+                whole = any(e.index is None for e in errors)
+                bad = _well_ids(plate) if whole else [str(plate["wells"][e.index]["reading_id"]) for e in errors
+                                                      if e.index is not None]
+                await self.dead_letter(ev, "validate", plate_error(plate, errors), bad)
             if cid in self.engine:
                 touched.add(cid)
         for cid in touched:
@@ -504,8 +525,23 @@ class LabloopWorker:
         for cid in touched:
             self.tick(cid)
 
+    def _observe(self) -> None:
+        if self.checkpoints is not None and not self.progress.changed:
+            self.checkpoint_at = time.time()  # nothing changed since the last one: it is current
+        self.metrics.snapshot(self.engine, self.progress.lag, self.checkpoint_at)
+        n = _assigned(self.app)
+        self.readiness = (n > 0, f"{n} input partition(s) assigned, {len(self.engine)} campaign(s)" if n
+                          else "waiting for the consumer group to assign input partitions")
+        if self.health is not None:
+            self.health.tick()
+
     async def on_timer(self) -> None:
+        """Every 2 s: expire overdue requests, and refresh what ``/metrics`` and ``/readyz`` report."""
         now = now_ms()
+        try:
+            self._observe()
+        except Exception:  # metrics must never stop expiry
+            log.exception("refreshing metrics failed")
         for cid in self.engine:
             async with self.locks[cid]:
                 if cid in self.paused:
@@ -520,6 +556,20 @@ class LabloopWorker:
                 finally:
                     self.busy[cid] -= 1
                 self.tick(cid)
+
+
+def _well_ids(plate: Record) -> list[str]:
+    """The reading ids of a plate's wells (a plate past the well cap: the first cap's worth)."""
+    wells = plate.get("wells")
+    return [str(w.get("reading_id")) for w in wells[:_DEAD_LETTER_IDS_MAX] if isinstance(w, dict)] \
+        if isinstance(wells, list) else []
+
+
+def _assigned(app: faust.App) -> int:
+    try:
+        return len(app.consumer.assignment())
+    except Exception:  # not started yet
+        return 0
 
 
 def _spans(events: list[Any]) -> dict[Any, tuple[int, int]]:

@@ -134,7 +134,7 @@ def test_the_whole_stack_killed_twice_mid_campaign_resumes_exactly(tmp_path: Pat
             assert info["bootstrap"] == bootstrap  # clients need no new setting
             robot = _robot(env, tmp_path / "robot.log")
         final = _wait_requested(kafka, codec, cid, BUDGET, 300, done=True)
-        assert final["n_requested"] == BUDGET and final["n_readings"] == BUDGET, final
+        assert final["n_requested"] == BUDGET and final["n_readings"] == BUDGET, json.dumps(final, default=str)
 
         # In the log: each request issued once, each reading measured once (a request run again would
         # carry a new measurement time; a result sent again after a crash carries the same one).
@@ -183,6 +183,28 @@ def test_the_whole_stack_killed_twice_mid_campaign_resumes_exactly(tmp_path: Pat
         assert got == want * 2, got
         log = (data / "logs" / "worker-0.log").read_text(errors="replace")
         assert "belongs to cluster" not in log  # the checkpoint was the same cluster's, every time
+
+        # `labloop status`: this campaign done; a second one, whose robot is gone, running with requests out.
+        robot.kill()
+        robot.wait()
+        define_campaign(kafka, CampaignSpec(f"{cid}-b", "tpsa", "A^2", batch_size=BATCH, init_size=BATCH, budget=BUDGET,
+                                            min_pool_size=300, seed=6), DATA)
+        deadline = time.monotonic() + 60
+        shown = ""
+        while time.monotonic() < deadline:
+            st = _labloop(env, "status")
+            shown = st.stdout
+            lines = {ln.split()[1]: ln for ln in shown.splitlines() if ln.startswith("│ durable-")}
+            if f"{cid}-b" in lines and "running" in lines[f"{cid}-b"] and f" {BATCH} " in lines[f"{cid}-b"]:
+                break
+            time.sleep(1)
+        assert st.returncode == 0, st.stdout + st.stderr  # every component healthy
+        lines = {ln.split()[1]: ln.split("│") for ln in shown.splitlines() if ln.startswith("│ durable-")}
+        done_row, run_row = [c.strip() for c in lines[cid]], [c.strip() for c in lines[f"{cid}-b"]]
+        assert done_row[2:7] == ["done", str(BUDGET), str(BUDGET), "0", str(BUDGET)], shown
+        assert run_row[2:7] == ["running", str(BATCH), "0", str(BATCH), str(BUDGET)], shown
+        for component in ("broker", "sink", "worker-0"):
+            assert any(ln.startswith(f"│ {component} ") and "│ ok " in ln for ln in shown.splitlines()), shown
     finally:
         if robot is not None and robot.poll() is None:
             robot.kill()
