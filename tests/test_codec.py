@@ -41,9 +41,11 @@ EXAMPLES = {
     "ModelUpdate": {"campaign_id": "c1", "model_version": 1, "learner": "gp", "device": "cpu", "n_train": 8, "n_new": 8,
                     "n_measured": 8, "n_failed": 0, "n_pending": 8, "n_requested": 16, "pool_size": 100,
                     "best_value": None, "train_s": 0.1, "done": False, "n_readings": 8, "trained_on": {},
+                    "live_n": 8, "live_rmse": 0.5, "live_nll": 1.25, "live_coverage90": 0.875, "live_spearman": None,
                     "event_time": 11},
     "DeadLetter": {"source_topic": "t", "source_partition": 0, "source_offset": 5, "source_key": b"k", "stage": "decode",
-                   "service": "w", "error_class": "E", "error_message": "m", "raw": b"\x00\x01", "event_time": 12},
+                   "service": "w", "error_class": "E", "error_message": "m", "raw": b"\x00\x01",
+                   "rejected_ids": ["r1", "r2"], "event_time": 12},
 }
 
 
