@@ -38,6 +38,11 @@ class Table:
     order_by: str
     rows: Callable[[Record], Columns]
     key: tuple[str, ...] = ()
+    ttl_s: int = 0  # rows older than this (by event_time) are dropped; 0 = kept
+
+
+def _ttl(t: Table) -> str:
+    return f"toDateTime(event_time) + INTERVAL {t.ttl_s} SECOND"
 
 
 # A columnizer turns one event into ``(n_rows, columns)``: each column a list of n values,
@@ -89,7 +94,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
           ("reading_id",)),
     Table("predictions", [("campaign_id", S), ("model_version", "Int64"), ("assay_id", LS), ("compound_id", S),
                           ("mean", "Float64"), ("std", "Float64"), ("event_time", TS)],
-          "(campaign_id, model_version, compound_id)", _prediction),  # derived, and versions are never reused: no key
+          "(campaign_id, model_version, compound_id)", _prediction,  # derived, and versions are never reused: no key
+          ttl_s=TOPICS["predictions"].retention_ms // 1000),  # what the topic keeps: a whole pool per model version
     Table("requests", [("request_id", S), ("campaign_id", S), ("compound_id", S), ("smiles", S), ("assay_id", LS),
                        ("priority", "Int32"), ("sequence", "Int64"), ("batch", "Int32"), ("policy", LS),
                        ("acquisition_score", "Nullable(Float64)"), ("predicted_mean", "Nullable(Float64)"),
@@ -117,6 +123,44 @@ TABLE_OF_TOPIC = {t.name: TABLES[t.table] for t in TOPICS.values()}
 SCHEMAS_OF_TOPIC = {t.name: t.schemas for t in TOPICS.values()}
 # Topics whose events become rows differently from their table's default (plates -> one row per well).
 ROWS_OF_TOPIC: dict[str, Callable[[Record], Columns]] = {TOPICS["plates"].name: _plate}
+
+
+#: Analysts' views (created with the tables, replaced when labloop changes them).
+VIEWS: dict[str, str] = {
+    # The newest model's prediction for every compound of every campaign.
+    "latest_predictions": (
+        "SELECT campaign_id, compound_id, v AS model_version, m AS mean, sd AS std FROM ("
+        "SELECT campaign_id, compound_id, max(model_version) AS v, argMax(mean, model_version) AS m, "
+        "argMax(std, model_version) AS sd FROM predictions GROUP BY campaign_id, compound_id)"),
+    # Each request, when it was made, accepted, started and finished, and how it ended (NULL: not yet).
+    "request_lifecycle": (
+        "SELECT q.campaign_id AS campaign_id, q.request_id AS request_id, q.compound_id AS compound_id, "
+        "q.event_time AS requested_at, s.accepted_at, s.started_at, s.finished_at, s.last_status "
+        "FROM requests AS q LEFT JOIN (SELECT request_id, "
+        "nullIf(minIf(event_time, status = 'ACCEPTED'), toDateTime64(0, 3, 'UTC')) AS accepted_at, "
+        "nullIf(minIf(event_time, status = 'STARTED'), toDateTime64(0, 3, 'UTC')) AS started_at, "
+        "nullIf(minIf(event_time, status IN ('COMPLETED', 'FAILED', 'EXPIRED')), toDateTime64(0, 3, 'UTC')) AS finished_at, "
+        "argMax(status, event_time) AS last_status FROM request_status GROUP BY request_id) AS s "
+        "ON q.request_id = s.request_id"),
+    # Every campaign: budget, requests issued and still open, the latest model's counts, best value,
+    # version, live quality and whether it is done (what `labloop status` shows).
+    "campaign_progress": (
+        "SELECT c.campaign_id AS campaign_id, c.budget AS budget, ifNull(r.req, 0) AS requested, "
+        "ifNull(r.req - r.closed, 0) AS in_flight, ifNull(m.meas, 0) AS measured, m.best AS best_value, "
+        "m.ver AS model_version, m.rmse AS live_rmse, m.cover AS live_coverage90, ifNull(m.live, 0) AS live_n, "
+        "ifNull(m.fin, false) AS done "
+        "FROM (SELECT campaign_id, argMax(budget, event_time) AS budget FROM campaigns GROUP BY campaign_id) AS c "
+        "LEFT JOIN (SELECT q.campaign_id AS campaign_id, q.req AS req, ifNull(st.closed, 0) AS closed "
+        "FROM (SELECT campaign_id, uniqExact(request_id) AS req FROM requests GROUP BY campaign_id) AS q "
+        "LEFT JOIN (SELECT campaign_id, uniqExactIf(request_id, status IN ('COMPLETED', 'FAILED', 'EXPIRED')) AS closed "
+        "FROM request_status GROUP BY campaign_id) AS st ON q.campaign_id = st.campaign_id) AS r "
+        "ON c.campaign_id = r.campaign_id "
+        "LEFT JOIN (SELECT campaign_id, argMax(n_measured, k) AS meas, argMax(best_value, k) AS best, "
+        "max(model_version) AS ver, argMax(live_rmse, k) AS rmse, argMax(live_coverage90, k) AS cover, "
+        "argMax(live_n, k) AS live, max(done) AS fin "
+        "FROM (SELECT *, (model_version, done, event_time) AS k FROM model_updates) GROUP BY campaign_id) AS m "
+        "ON c.campaign_id = m.campaign_id"),
+}
 
 
 def redact(url: str) -> str:
@@ -158,14 +202,19 @@ def create_tables(client: Client, dedup_window: int = 10_000) -> None:
     """Create every missing table and add columns that newer schemas introduced (idempotent)."""
     for t in TABLES.values():
         cols = [*t.columns, *PROVENANCE]
+        ttl = f"TTL {_ttl(t)} " if t.ttl_s else ""
         client.command(f"CREATE TABLE IF NOT EXISTS {t.name} ({', '.join(f'`{n}` {typ}' for n, typ in cols)}) "
-                       f"ENGINE = MergeTree ORDER BY {t.order_by} "
+                       f"ENGINE = MergeTree ORDER BY {t.order_by} {ttl}"
                        f"SETTINGS non_replicated_deduplication_window = {dedup_window}")
         existing = {r[0] for r in client.query(f"SELECT name FROM system.columns WHERE database = currentDatabase() "
                                                 f"AND table = '{t.name}'").result_rows}
         for n, typ in cols:
             if n not in existing:
                 client.command(f"ALTER TABLE {t.name} ADD COLUMN IF NOT EXISTS `{n}` {typ}")
+        if t.ttl_s:  # a table made before the TTL existed gets it too
+            client.command(f"ALTER TABLE {t.name} MODIFY TTL {_ttl(t)}")
+    for name, sql in VIEWS.items():
+        client.command(f"CREATE OR REPLACE VIEW {name} AS {sql}")
     # What the loop accepted: readings minus those its worker dead-lettered (wrong unit, unknown
     # compound or request, out of range...). A rejected row is matched by its own message and id, so
     # the same id sent again, correctly, counts.

@@ -184,24 +184,8 @@ def _probe(port: int, path: str) -> tuple[int, str]:
         return 0, str(exc)
 
 
-_CAMPAIGNS_SQL = """
-SELECT c.campaign_id, c.budget, r.req, r.req - r.closed, m.meas, m.best, m.ver, m.rmse, m.cover, m.live, m.fin,
-       m.campaign_id != ''
-FROM (SELECT campaign_id, argMax(budget, event_time) AS budget FROM campaigns GROUP BY campaign_id) AS c
-LEFT JOIN (
-    SELECT q.campaign_id AS campaign_id, q.req AS req, ifNull(st.closed, 0) AS closed
-    FROM (SELECT campaign_id, uniqExact(request_id) AS req FROM requests GROUP BY campaign_id) AS q
-    LEFT JOIN (SELECT campaign_id, uniqExactIf(request_id, status IN ('COMPLETED', 'FAILED', 'EXPIRED')) AS closed
-               FROM request_status GROUP BY campaign_id) AS st ON q.campaign_id = st.campaign_id) AS r
-    ON c.campaign_id = r.campaign_id
-LEFT JOIN (
-    SELECT campaign_id, argMax(n_measured, k) AS meas, argMax(best_value, k) AS best, max(model_version) AS ver,
-           argMax(live_rmse, k) AS rmse, argMax(live_coverage90, k) AS cover, argMax(live_n, k) AS live,
-           max(done) AS fin
-    FROM (SELECT *, (model_version, done, event_time) AS k FROM model_updates)
-    GROUP BY campaign_id) AS m ON c.campaign_id = m.campaign_id
-ORDER BY c.campaign_id
-"""
+_CAMPAIGNS_SQL = ("SELECT campaign_id, budget, requested, in_flight, measured, best_value, model_version, live_rmse, "
+                  "live_coverage90, live_n, done, model_version IS NOT NULL FROM campaign_progress ORDER BY campaign_id")
 
 
 @app.command()

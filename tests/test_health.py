@@ -44,7 +44,7 @@ def _value(m: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels
     return sum(v for lab, v in m.get(name, []) if all(lab.get(k) == x for k, x in labels.items()))
 
 
-def test_worker_and_sink_serve_health_readiness_and_moving_metrics(stack: Stack, codec: Codec, settle) -> None:  # type: ignore[no-untyped-def]
+def test_worker_and_sink_serve_health_readiness_and_moving_metrics(stack: Stack, codec: Codec, settle, ch) -> None:  # type: ignore[no-untyped-def]
     ports = stack.health_ports
     assert set(ports) >= {"worker-0", "sink"}, ports
     for port in ports.values():
@@ -94,6 +94,21 @@ def test_worker_and_sink_serve_health_readiness_and_moving_metrics(stack: Stack,
     assert _value(w1, "labloop_model_live", campaign=CID, measure="rmse") > 0
     assert _value(s1, "labloop_sink_rows_total", table="readings") > _value(s0, "labloop_sink_rows_total", table="readings")
     assert _value(s1, "labloop_sink_insert_seconds_count") > _value(s0, "labloop_sink_insert_seconds_count")
+
+    # The analysts' views of the same campaign.
+    row = ch.query(f"SELECT requested, in_flight, measured, budget, done, live_n > 0 FROM campaign_progress "
+                   f"WHERE campaign_id = '{CID}'").result_rows
+    assert row == [(24, 0, 24, 24, True, True)], row
+    life = ch.query(f"SELECT count(), countIf(last_status = 'COMPLETED'), countIf(finished_at >= started_at "
+                    f"AND started_at >= accepted_at AND accepted_at >= requested_at) FROM request_lifecycle "
+                    f"WHERE campaign_id = '{CID}'").result_rows
+    assert life == [(24, 24, 24)], life
+    # Every compound's newest prediction comes from the final model (its predictions may land a moment
+    # after its ModelUpdate: another topic).
+    ok = settle(f"SELECT count() = 300 AND uniqExact(model_version) = 1 AND max(model_version) = (SELECT "
+                f"max(model_version) FROM model_updates WHERE campaign_id = '{CID}') FROM latest_predictions "
+                f"WHERE campaign_id = '{CID}'", 1, 30)
+    assert ok == 1
 
 
 def test_analysts_see_only_the_readings_the_loop_accepted(stack: Stack, codec: Codec, ch, settle) -> None:  # type: ignore[no-untyped-def]
