@@ -150,7 +150,9 @@ def run_on_stack(settings: Settings, ds: Dataset, init: int, batch: int, budget:
     console.print(f"[bold]campaign[/] [cyan]{cid}[/]: pool {len(ds.smiles)}, random start {init}, then batches of "
                   f"{batch}, budget {budget}; {learner} + {policy}")
     with Stack(settings) as stack:
-        console.print(f"  broker   {stack.bootstrap} ({'embedded Tansu' if stack.broker else 'external'})")
+        where = ("embedded Tansu, log " + ("on disk" if stack.broker.durable else "in memory")) if stack.broker \
+            else "external"
+        console.print(f"  broker   {stack.bootstrap} ({where})")
         console.print(f"  sink     ClickHouse {settings.clickhouse_target}, HTTP at {stack.clickhouse_url}")
         console.print(f"  worker   Faust, logs in {settings.data_dir / 'logs'}")
         producer = make_producer(stack.kafka_config)
