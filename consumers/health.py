@@ -18,9 +18,24 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["HealthServer"]
+__all__ = ["HealthServer", "Rate"]
 
 log = logging.getLogger("labloop.health")
+
+
+class Rate:
+    """Per second, between the last two readings of a running total (0 until there are two)."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self._prev: tuple[float, float] | None = None
+
+    def update(self, total: float) -> float:
+        now = time.monotonic()
+        if self._prev is not None and now > self._prev[0]:
+            self.value = max(0.0, (total - self._prev[1]) / (now - self._prev[0]))
+        self._prev = (now, total)
+        return self.value
 
 
 class HealthServer:

@@ -73,7 +73,7 @@ class RobotClient:
         self.seen: set[str] = set()
         self._journal: TextIO | None = None
         self._open: dict[str, Record] = {}  # taken, not settled: request id -> request
-        self._resend: list[tuple[str, str, Record]] = []  # (topic, schema, record) journaled, never acknowledged
+        self._resend: list[dict[str, Any]] = []  # "out" journal entries never acknowledged (requests: the open ones)
         self._unsettled: set[str] = set()  # request ids with statuses or results since the last flush
         self._buffer: list[dict[str, Any]] = []  # journal entries not written yet (statuses)
         if journal is not None:
@@ -90,8 +90,8 @@ class RobotClient:
         self.readings_published = 0
         self.consumer.subscribe([TOPICS["requests"].name])
         if self._resend:
-            for topic, schema, rec in self._resend:
-                self._produce(topic, schema, rec)
+            for e in self._resend:
+                self._produce(e["topic"], e["record"]["campaign_id"], self.codec.encode(e["schema"], e["record"]))
             log.warning("%s: sending again %d message(s) the broker had not acknowledged before a restart",
                         robot_id, len(self._resend))
             self._resend = []
@@ -126,7 +126,7 @@ class RobotClient:
             ids = [rid for rid in entry["requests"] if rid not in settled]
             if not ids:
                 continue
-            self._resend.append((entry["topic"], entry["schema"], entry["record"]))
+            self._resend.append({**entry, "requests": ids})
             self._unsettled.update(ids)
             if entry["schema"] != "RequestStatus":  # its result goes out again: nothing left to run
                 for rid in ids:
@@ -138,9 +138,7 @@ class RobotClient:
         open_ids = set(self._open)
         lines = sorted(self.seen - open_ids)  # an id here with messages below is still re-sent by them
         lines += [json.dumps({"t": "taken", "request": r}, separators=(",", ":")) for r in self._open.values()]
-        lines += [json.dumps({"t": "out", "topic": t, "schema": sc, "record": r,
-                              "requests": sorted(self._requests_of(sc, r) & self._unsettled)}, separators=(",", ":"))
-                  for t, sc, r in self._resend]
+        lines += [json.dumps(e, separators=(",", ":")) for e in self._resend]
         tmp = journal.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -148,12 +146,6 @@ class RobotClient:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, journal)
-
-    @staticmethod
-    def _requests_of(schema: str, rec: Record) -> set[str]:
-        if schema == "PlateReadout":
-            return {w["request_id"] for w in rec["wells"]}
-        return {rec["request_id"]}
 
     def _write(self, *entries: dict[str, Any]) -> None:
         """Append ``entries`` after the buffered ones, in one fsynced write."""
@@ -166,11 +158,10 @@ class RobotClient:
         os.fsync(self._journal.fileno())
         self._buffer.clear()
 
-    def _produce(self, topic: str, schema: str, rec: Record) -> None:
-        value = self.codec.encode(schema, rec)
+    def _produce(self, topic: str, campaign_id: str, value: bytes) -> None:
         while True:
             try:
-                self.producer.produce(topic, key=rec["campaign_id"].encode(), value=value)
+                self.producer.produce(topic, key=campaign_id.encode(), value=value)
                 return
             except BufferError:  # the local queue is full while the broker is away: wait for room
                 self.producer.poll(0.5)
@@ -178,14 +169,14 @@ class RobotClient:
     def _send(self, topic: str, schema: str, rec: Record, request_ids: list[str], durable: bool) -> None:
         """Journal, then produce. Results (``durable``) reach the disk before they leave; statuses
         wait in the buffer for the next write, which saves an fsync per status."""
-        self.codec.encode(schema, rec)  # a record that cannot be encoded fails here, before the journal
+        value = self.codec.encode(schema, rec)  # a record that cannot be encoded fails here, before the journal
         entry = {"t": "out", "topic": topic, "schema": schema, "record": rec, "requests": request_ids}
         if durable:
             self._write(entry)
         elif self._journal is not None:
             self._buffer.append(entry)
         self._unsettled.update(request_ids)
-        self._produce(topic, schema, rec)
+        self._produce(topic, rec["campaign_id"], value)
 
     def unfinished(self) -> list[Record]:
         """Requests taken before a restart whose results never went out: run them (or fail them)."""

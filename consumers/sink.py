@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from labloop.consumers.columns import Batch, Seen
 from labloop.consumers.errors import SinkError
+from labloop.consumers.health import Rate
 from labloop.consumers.kafka import make_consumer
 from labloop.consumers.tables import SCHEMAS_OF_TOPIC, TABLE_OF_TOPIC, TABLES, Table
 from labloop.schemas import TOPICS, Codec, DecodeError
@@ -56,14 +57,10 @@ class SinkMetrics(Collector):
         self.dropped = 0
         self.lag: dict[tuple[str, int], int] = {}
         self.assigned = 0
-        self.rate = 0.0
-        self._prev: tuple[float, int] | None = None
+        self.rate = Rate()
 
     def set(self, rows: dict[str, int], dropped: int, lag: dict[tuple[str, int], int], assigned: int) -> None:
-        now, total = time.monotonic(), sum(rows.values())
-        if self._prev is not None and now > self._prev[0]:
-            self.rate = max(0.0, (total - self._prev[1]) / (now - self._prev[0]))
-        self._prev = (now, total)
+        self.rate.update(sum(rows.values()))
         self.rows, self.dropped, self.lag, self.assigned = rows, dropped, lag, assigned
 
     def collect(self) -> Iterator[Any]:
@@ -71,7 +68,7 @@ class SinkMetrics(Collector):
         for t, n in sorted(self.rows.items()):
             rows.add_metric([t], n)
         yield rows
-        yield GaugeMetricFamily("labloop_sink_rows_per_second", "rows inserted per second, lately", value=self.rate)
+        yield GaugeMetricFamily("labloop_sink_rows_per_second", "rows inserted per second, lately", value=self.rate.value)
         yield CounterMetricFamily("labloop_sink_duplicates", "rows not stored because they already were",
                                   value=self.dropped)
         lag = GaugeMetricFamily("labloop_consumer_lag", "messages behind the high watermark", labels=["topic", "partition"])

@@ -17,7 +17,6 @@ bootstrap setting and offsets, checkpoints and the sink's deduplication tokens s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -26,9 +25,8 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from labloop.streams.procs import RuntimeFailure, die_with_parent, free_port, port_in_use, wait_for_port
+from labloop.streams.procs import RuntimeFailure, free_port, port_in_use, spawn, wait_for_port
 
 __all__ = ["BrokerIdentity", "EmbeddedBroker"]
 
@@ -113,9 +111,6 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _out(self) -> Any:
-        return open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
-
     def _start_store(self, ident: BrokerIdentity, timeout_s: float) -> dict[str, str]:
         assert self.storage_dir is not None
         objects = self.storage_dir / "objects"
@@ -124,10 +119,8 @@ class EmbeddedBroker:
             raise RuntimeFailure(f"127.0.0.1:{ident.store_port}, the port of this broker's object store (kept in "
                                  f"{self.storage_dir / 'broker.json'}), is in use by another process")
         env = {**os.environ, "LABLOOP_STORE_ACCESS_KEY": ident.access_key, "LABLOOP_STORE_SECRET_KEY": ident.secret_key}
-        self.store = subprocess.Popen(
-            [sys.executable, "-m", "labloop.streams.objectstore", str(objects), str(ident.store_port)],
-            env=env, stdout=self._out(), stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_parent(os.getpid()))  # noqa: PLW1509
+        self.store = spawn([sys.executable, "-m", "labloop.streams.objectstore", str(objects), str(ident.store_port)],
+                           self.log_path, env)
         wait_for_port(ident.store_port, timeout_s, self.store, "the broker's object store")
         # object_store (Rust) reads these; only the broker's environment holds the secret.
         return {"AWS_ENDPOINT": f"http://127.0.0.1:{ident.store_port}", "AWS_ACCESS_KEY_ID": ident.access_key,
@@ -156,11 +149,8 @@ class EmbeddedBroker:
             env.update(self._start_store(self.identity, timeout_s))
             engine = f"s3://{BUCKET}/"
         url = f"tcp://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [binary, "broker", "--cluster-id", self.cluster_id, "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", engine, "--silent"],
-            env=env, stdout=self._out(), stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_parent(os.getpid()))  # noqa: PLW1509
+        self.proc = spawn([binary, "broker", "--cluster-id", self.cluster_id, "--listener-url", url,
+                           "--advertised-listener-url", url, "--storage-engine", engine, "--silent"], self.log_path, env)
         try:
             wait_for_port(self.port, timeout_s, self.proc, "Tansu broker")
         except RuntimeFailure:
@@ -190,10 +180,6 @@ class EmbeddedBroker:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        with contextlib.suppress(Exception):
-            for p in (self.proc, self.store):
-                if p is not None and p.stdout is not None:
-                    p.stdout.close()
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

@@ -4,8 +4,8 @@ Tansu's ``s3://`` engine keeps each produced record batch as one object and list
 objects on every fetch, within the fetch's ``max.wait``; a listing that outlasts the wait returns
 nothing. A partition that gathers thousands of small batches (a robot's readings, a status per
 request) would, after days, starve every consumer that long-polls briefly (measured with a
-Python S3 server listing about 24 µs per object: at labloop's 20 ms long poll, a partition of
-about 800 objects served nothing).
+Python S3 server listing about 24 µs per object: at a 10 ms long poll, a partition of 2,000
+batches served nothing).
 
 The object store rewrites runs of old, small, adjacent batches of a partition (:func:`plan_runs`)
 as one batch (:func:`merge_batches`: Kafka record-batch v2, lz4), named by the first batch's base

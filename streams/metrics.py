@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from labloop.consumers.health import Rate
+
 __all__ = ["WorkerMetrics"]
 
 _FIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -31,15 +33,10 @@ _FIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 class _Snapshot(Collector):
     def __init__(self) -> None:
         self.data: dict[str, Any] = {}
-        self._prev: tuple[float, int] | None = None
-        self.rate = 0.0
+        self.rate = Rate()
 
     def set(self, data: dict[str, Any]) -> None:
-        now = time.monotonic()
-        total = int(data.get("readings", 0))
-        if self._prev is not None and now > self._prev[0]:
-            self.rate = max(0.0, (total - self._prev[1]) / (now - self._prev[0]))
-        self._prev = (now, total)
+        self.rate.update(data.get("readings", 0))
         self.data = data  # one reference swap: a scrape sees a whole snapshot or the one before
 
     def collect(self) -> Iterator[Any]:
@@ -52,7 +49,7 @@ class _Snapshot(Collector):
         yield CounterMetricFamily("labloop_readings", "readings applied to campaigns (accepted, distinct)",
                                   value=d.get("readings", 0))
         yield GaugeMetricFamily("labloop_readings_per_second", "readings applied per second, between the last two "
-                                "snapshots", value=self.rate)
+                                "snapshots", value=self.rate.value)
         yield CounterMetricFamily("labloop_requests", "experiment requests issued", value=d.get("issued", 0))
         yield CounterMetricFamily("labloop_requests_expired", "requests that expired unanswered",
                                   value=d.get("expired", 0))

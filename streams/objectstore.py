@@ -179,8 +179,9 @@ class ObjectStore:
             raise _Reply(412, "PreconditionFailed", "the object changed")
         return path
 
-    def stored(self, bucket: str, key: str, data: bytes, mtime: float) -> _Meta:
-        meta = _Meta(len(data), mtime, _etag(len(data), mtime))
+    def stored(self, bucket: str, key: str, size: int, mtime: float) -> _Meta:
+        """Index an object just written (``size`` bytes, modified at ``mtime``)."""
+        meta = _Meta(size, mtime, _etag(size, mtime))
         self._index_put(bucket, key, meta)
         return meta
 
@@ -201,7 +202,7 @@ class ObjectStore:
             raise _Reply(404, "NoSuchKey", f"{bucket}/{key}") from None
 
     def list_keys(self, bucket: str, prefix: str, delimiter: str | None, after: str | None,
-             max_keys: int) -> tuple[list[str], list[str], str | None]:
+                  max_keys: int) -> tuple[list[str], list[str], str | None]:
         """Keys (and common prefixes, with a delimiter) after ``after``; the last is the next token."""
         keys = self.keys.get(bucket, [])
         i = bisect.bisect_right(keys, after) if after else bisect.bisect_left(keys, prefix)
@@ -226,9 +227,10 @@ class ObjectStore:
         return out, common, token
 
     # ---- compaction -----------------------------------------------------------------------
-    def compaction_plan(self, min_objects: int = 64) -> list[tuple[str, list[tuple[str, bytes]]]]:
-        """Runs of Tansu batches to merge, with their bytes (read now, on the loop's thread)."""
-        from labloop.streams.logstore import plan_runs
+    def compaction_plan(self) -> list[tuple[str, list[str]]]:
+        """``(bucket, keys)``: runs of Tansu batches to merge, from the index (no file is read here,
+        on the loop's thread)."""
+        from labloop.streams.logstore import MIN_OBJECTS, plan_runs
 
         plan = []
         for bucket, keys in self.keys.items():
@@ -237,31 +239,30 @@ class ObjectStore:
                 if k.endswith(".batch"):
                     partitions.setdefault(k.rpartition("/")[0], []).append(k)
             for names in partitions.values():
-                if len(names) < min_objects:
-                    continue
-                entries = [(k, self.meta[(bucket, k)].size, self.meta[(bucket, k)].mtime) for k in names]
-                for run in plan_runs(entries):
-                    try:
-                        plan.append((bucket, [(k, self.get(bucket, k)[1]) for k in run]))
-                    except _Reply:  # deleted meanwhile
-                        continue
+                if len(names) >= MIN_OBJECTS:
+                    entries = [(k, self.meta[(bucket, k)].size, self.meta[(bucket, k)].mtime) for k in names]
+                    plan += [(bucket, run) for run in plan_runs(entries)]
         return plan
 
-    def merge_run(self, bucket: str, run: list[tuple[str, bytes]], mtime: float) -> bytes | None:
-        """On an I/O thread: merge a run and write it under its first key, with the first
-        batch's modification time (Tansu's earliest offset is the oldest object's); None if it
-        cannot be merged."""
+    def merge_run(self, bucket: str, run: list[str], mtime: float) -> int | None:
+        """On an I/O thread: merge a run's batches and write them under its first key, with the
+        first batch's modification time (Tansu's earliest offset is the oldest object's); returns
+        the merged size, or None when the run cannot be merged (a batch gone or not mergeable)."""
         from labloop.streams.logstore import merge_batches, mergeable
 
-        if not all(mergeable(data) for _, data in run):
+        try:
+            parts = [(int(k.rsplit("/", 1)[1][:20]), self._path(bucket, k).read_bytes()) for k in run]
+        except FileNotFoundError:
+            return None
+        if not all(mergeable(data) for _, data in parts):
             return None
         try:
-            data = merge_batches([(int(k.rsplit("/", 1)[1][:20]), d) for k, d in run])
+            data = merge_batches(parts)
         except ValueError as exc:
-            log.warning("not merging %s..%s: %s", run[0][0], run[-1][0], exc)
+            log.warning("not merging %s..%s: %s", run[0], run[-1], exc)
             return None
-        self.write_file(self._path(bucket, run[0][0]), data, mtime)
-        return data
+        self.write_file(self._path(bucket, run[0]), data, mtime)
+        return len(data)
 
     # ---- SigV4 ----------------------------------------------------------------------------
     def check_signature(self, method: str, raw_path: str, query: str, headers: dict[str, str],
@@ -314,7 +315,6 @@ class _Server:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self.merged = 0  # batches merged away by compaction, since start
 
     @contextlib.asynccontextmanager
     async def _key_lock(self, bucket: str, key: str) -> Any:
@@ -410,7 +410,7 @@ class _Server:
                     path = store.check_put(bucket, key, headers.get("if-match"), headers.get("if-none-match"))
                     mtime = store.clock()
                     await loop.run_in_executor(store.io, store.write_file, path, body, mtime)
-                    meta = store.stored(bucket, key, body, mtime)
+                    meta = store.stored(bucket, key, len(body), mtime)
                 return 200, b"", {"ETag": meta.etag}
             if method == "DELETE":
                 async with self._key_lock(bucket, key):
@@ -471,16 +471,15 @@ class _Server:
             await asyncio.sleep(every_s)
             try:
                 for bucket, run in store.compaction_plan():
-                    first = store.meta.get((bucket, run[0][0]))
+                    first = store.meta.get((bucket, run[0]))
                     if first is None:
                         continue
-                    data = await loop.run_in_executor(store.io, store.merge_run, bucket, run, first.mtime)
-                    if data is None:
+                    size = await loop.run_in_executor(store.io, store.merge_run, bucket, run, first.mtime)
+                    if size is None:
                         continue
-                    store.stored(bucket, run[0][0], data, first.mtime)
-                    for k, _ in run[1:]:
+                    store.stored(bucket, run[0], size, first.mtime)
+                    for k in run[1:]:
                         store.delete(bucket, k)
-                    self.merged += len(run)
             except Exception:  # logged; the next pass tries again
                 log.exception("log compaction failed")
 
@@ -488,11 +487,14 @@ class _Server:
 async def serve(store: ObjectStore, port: int, compact_every_s: float = COMPACT_EVERY_S) -> None:
     server = _Server(store)
     srv = await asyncio.start_server(server.handle, "127.0.0.1", port, limit=MAX_HEADER)
-    tasks: list[Any] = []
-    if compact_every_s > 0:
-        tasks.append(asyncio.ensure_future(server.compact_forever(compact_every_s)))
-    async with srv:
-        await srv.serve_forever()
+    # Held here: the loop keeps only a weak reference to a task.
+    compactor = asyncio.ensure_future(server.compact_forever(compact_every_s)) if compact_every_s > 0 else None
+    try:
+        async with srv:
+            await srv.serve_forever()
+    finally:
+        if compactor is not None:
+            compactor.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

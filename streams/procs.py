@@ -8,11 +8,12 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from labloop.schemas import LabloopError
 
-__all__ = ["RuntimeFailure", "die_with_parent", "free_port", "port_in_use", "wait_for_port"]
+__all__ = ["RuntimeFailure", "die_with_parent", "free_port", "port_in_use", "spawn", "wait_for_port"]
 
 
 class RuntimeFailure(LabloopError):
@@ -39,6 +40,20 @@ def die_with_parent(parent: int) -> Any:
             os._exit(1)
 
     return arm
+
+
+def spawn(cmd: list[str], log_path: Path | None, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a child of the stack: its own session (a Ctrl-C reaches only the parent, which stops
+    it in order), dead with its parent (:func:`die_with_parent`), stdout and stderr appended to
+    ``log_path`` (None: discarded). The log file is the child's: this process closes its copy."""
+    out = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 - closed below, the child keeps its own
+    try:
+        return subprocess.Popen(cmd, env=env, stdout=out if out is not None else subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent(os.getpid()))  # noqa: PLW1509
+    finally:
+        if out is not None:
+            out.close()
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from labloop.consumers.tables import redact
 from labloop.schemas import TOPICS, TopicSpec
 from labloop.streams.broker import EmbeddedBroker
-from labloop.streams.procs import RuntimeFailure, die_with_parent, free_port, port_in_use, wait_for_port
+from labloop.streams.procs import RuntimeFailure, free_port, port_in_use, spawn, wait_for_port
 from labloop.streams.settings import Settings
 
 __all__ = ["EmbeddedBroker", "RuntimeFailure", "Stack", "StackLock", "ensure_topics", "free_port", "port_in_use",
@@ -210,10 +210,7 @@ class Stack:
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         path = logs / f"{name}.log"
-        fh = open(path, "ab")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], env={**self._env(), **(env or {})},
-                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=die_with_parent(os.getpid()))  # noqa: PLW1509
+        proc = spawn([sys.executable, "-m", module, *args], path, {**self._env(), **(env or {})})
         p = _Proc(name, args, proc, path, env or {}, module)
         self.procs.append(p)
         return p

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.main import get_command
 
@@ -70,11 +71,8 @@ def test_kubernetes_manifests_validate_against_the_kubernetes_schemas() -> None:
     for d in docs:  # offline: the package carries the schemas; strict refuses unknown fields
         kubernetes_validate.validate(d, "1.37.0", strict=True)
     bad = {**docs[0], "data": {"x": 1}}  # a ConfigMap value must be a string: the validator does check
-    try:
+    with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, "1.37.0", strict=True)
-        raise AssertionError("an invalid ConfigMap passed")
-    except kubernetes_validate.ValidationError:
-        pass
 
 
 def test_kubernetes_workloads_run_real_commands_with_real_settings_and_probes() -> None:
