@@ -4,11 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo test lint install clean bench system-packages
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# Debian packages the tests use: kcat (a third-party Kafka client). Best effort: without apt (or
+# root) the test that needs it is skipped and says why.
+SYSTEM_PACKAGES := kcat
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    ($(SUDO) apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	     ($(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q $$missing >/dev/null 2>&1)) || \
+	    echo "could not install$$missing with apt-get: the tests that need them will be skipped"; \
+	  else echo "no apt-get: install$$missing for the interop tests"; fi; fi
 
 # torch first, pinned: a bare `torch` requirement with no torch installed pulls the CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
@@ -21,7 +34,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/labloop demo --report demo_report.json --plot demo_trajectory.png
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -14,7 +14,8 @@ Locked down, because anything on the machine can reach a loopback port:
   ``remote``...), no settings changes. The statement is checked first as well: one
   ``SELECT``/``WITH``/``SHOW``/``DESCRIBE``/``EXPLAIN``/``EXISTS`` statement, no ``INTO OUTFILE``
   (chDB writes it even when read-only), no table function that reaches outside the database;
-* the operator mode, for schema work, has its own credentials and connection;
+* the operator mode, for schema work, has its own credentials and connection, and may not delete
+  or rewrite rows of the append-only raw and audit tables (:mod:`labloop.consumers.roles`);
 * a request carrying a foreign ``Origin`` (a web page) is refused.
 """
 
@@ -28,6 +29,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from labloop.consumers.roles import AppendOnly, check_operator_query
 
 __all__ = ["ANALYST", "OPERATOR", "HttpBridge", "QueryRefused", "check_analyst_query"]
 
@@ -202,12 +205,13 @@ class HttpBridge:
         try:
             # URL parameters are not applied as settings: nothing a request sets outlives it.
             if role == OPERATOR:
+                check_operator_query(sql)  # schema work, but raw and audit rows stay as written
                 out = self.operator.query(sql, fmt, db)
             else:
                 check_analyst_query(sql)
                 out = self.analyst.query(sql, fmt, db)
-        except QueryRefused as exc:
-            log.warning("refused an analyst query: %s", exc)
+        except (QueryRefused, AppendOnly) as exc:
+            log.warning("refused an %s query: %s", role, exc)
             return 403, f"Code: 164. {exc}\n".encode(), None
         except Exception as exc:  # any engine error goes back to the HTTP client, as ClickHouse does
             return 500, f"Code: 1. {exc}\n".encode(), None

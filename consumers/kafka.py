@@ -6,9 +6,25 @@ import logging
 import re
 import time
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
 
-__all__ = ["KAFKA_LOG", "make_consumer", "make_producer"]
+from labloop.consumers.errors import ConsumerError
+
+__all__ = ["KAFKA_LOG", "BrokerAuthFailed", "BrokerUnreachable", "check_broker", "make_consumer", "make_producer"]
+
+
+class BrokerAuthFailed(ConsumerError):
+    """The broker refused this client's credentials or certificate (SASL or TLS)."""
+
+
+class BrokerUnreachable(ConsumerError):
+    """No broker answered within the time allowed."""
+
+
+# librdkafka's codes for a refused login or certificate; each is final for these credentials.
+_AUTH_CODES = {KafkaError._AUTHENTICATION, KafkaError._SSL, KafkaError.SASL_AUTHENTICATION_FAILED,
+               KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED}
 
 
 class _OncePer(logging.Filter):
@@ -61,3 +77,37 @@ def make_consumer(kafka_config: dict[str, str], group_id: str, session_timeout_s
                                   "fetch.wait.max.ms": 20}  # Tansu holds a fetch for the whole wait
     conf.update(extra)
     return Consumer(conf)
+
+
+def check_broker(kafka_config: dict[str, str], timeout_s: float = 15.0) -> str:
+    """Connect once with ``kafka_config`` and return the cluster id; the first thing each client
+    of labloop does, so that wrong credentials end it at once instead of in endless reconnects.
+
+    Raises:
+        BrokerAuthFailed: the broker refused the SASL credentials or the TLS handshake failed
+            (the message names the user and the broker, never the password).
+        BrokerUnreachable: nothing answered within ``timeout_s``.
+    """
+    errors: list[KafkaError] = []
+    conf = {**kafka_config, "error_cb": errors.append, "logger": _QUIET, "reconnect.backoff.ms": 200}
+    admin = AdminClient(conf)  # type: ignore[arg-type]
+    who = f"{kafka_config.get('sasl.username') or 'client'} at {kafka_config.get('bootstrap.servers')}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                return admin.list_topics(timeout=max(0.1, min(1.0, deadline - time.monotonic()))).cluster_id or ""
+            except KafkaException as exc:
+                last = exc.args[0] if exc.args else None
+            admin.poll(0)  # delivers error_cb
+            for e in errors + ([last] if isinstance(last, KafkaError) else []):
+                if e.code() in _AUTH_CODES or "SASL authentication error" in e.str() or "SSL handshake" in e.str():
+                    raise BrokerAuthFailed(f"the broker refused {who}: {e.str()}")
+            if time.monotonic() >= deadline:
+                raise BrokerUnreachable(f"no broker answered {who} within {timeout_s:.0f} s")
+    finally:
+        del admin
+
+
+_QUIET = logging.getLogger("labloop.kafka.check")
+_QUIET.addFilter(lambda record: False)  # check_broker reports through its exception, not librdkafka's lines

@@ -95,8 +95,14 @@ class ClickHouseSink:
 
     def __init__(self, client: Client, kafka_config: dict[str, str], codec: Codec, group_id: str = "labloop-sink",
                  batch_rows: int = 50_000, flush_s: float = 0.5, session_timeout_s: float = 6.0,
-                 exactly_once: bool = True, dedup_keys: int = 1_000_000, on_insert: InsertHook | None = None) -> None:
+                 exactly_once: bool = True, dedup_keys: int = 1_000_000, on_insert: InsertHook | None = None,
+                 replicated: bool = False) -> None:
         self.client = client
+        # On Replicated tables an insert returns once a quorum of replicas has it, and the offset
+        # read-back asks for sequential consistency: a lagging replica cannot answer "not stored
+        # yet" for rows the sink already inserted (which would store them twice).
+        self._insert_settings: dict[str, Any] = {"insert_quorum": "auto", "insert_quorum_parallel": 0} if replicated else {}
+        self._read_settings: dict[str, Any] = {"select_sequential_consistency": 1} if replicated else {}
         self.codec = codec
         self.lock = threading.Lock()  # chDB is shared with the HTTP bridge threads
         self.consumer = make_consumer(kafka_config, group_id, session_timeout_s)
@@ -205,7 +211,7 @@ class ClickHouseSink:
                 for t in TABLES.values():
                     rows = self.client.query(f"SELECT _topic, _partition, max(_offset) FROM {t.name} "
                                              f"WHERE _cluster = {{c:String}} GROUP BY _topic, _partition",
-                                             parameters={"c": self._cluster}).result_rows
+                                             parameters={"c": self._cluster}, settings=self._read_settings).result_rows
                     for topic, part, off in rows:
                         self._stored[(t.name, topic, int(part))] = int(off)
                     if self.seen is not None and t.key:
@@ -218,7 +224,8 @@ class ClickHouseSink:
         types = dict(t.columns)
         cols = [f"toUnixTimestamp64Milli(`{c}`)" if types[c].startswith("DateTime64") else f"`{c}`" for c in t.key]
         rows = self.client.query(f"SELECT {', '.join(cols)} FROM {t.name} WHERE _cluster = {{c:String}} "
-                                 f"ORDER BY _offset DESC LIMIT {self.seen.cap}", parameters={"c": self._cluster}).result_rows
+                                 f"ORDER BY _offset DESC LIMIT {self.seen.cap}", parameters={"c": self._cluster},
+                                 settings=self._read_settings).result_rows
         self.seen.add(t.name, (r[0] for r in rows) if len(cols) == 1 else (tuple(r) for r in rows))
 
     def _flush(self, batches: dict[str, Batch], offsets: dict[tuple[str, int], int]) -> None:
@@ -232,7 +239,7 @@ class ClickHouseSink:
             # without exactly-once could not see the duplicates it is meant to detect. Measured here:
             # chDB still drops an identical block sent with insert_deduplicate=0; a fresh token does not.
             token = b.token() if self.exactly_once else uuid.uuid4().hex
-            settings: dict[str, Any] = {"insert_deduplication_token": token}
+            settings: dict[str, Any] = {"insert_deduplication_token": token, **self._insert_settings}
             self._inserts += 1
             if self.on_insert is not None:
                 self.on_insert(self._inserts, "before")

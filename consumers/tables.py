@@ -19,7 +19,7 @@ from labloop.consumers.errors import SinkError
 from labloop.schemas import TOPICS
 from labloop.schemas.types import Record
 
-__all__ = ["redact", "PROVENANCE", "ROWS_OF_TOPIC", "SCHEMAS_OF_TOPIC", "TABLES", "TABLE_OF_TOPIC", "Columns", "Table", "connect",
+__all__ = ["redact", "PROVENANCE", "ROWS_OF_TOPIC", "SCHEMAS_OF_TOPIC", "TABLES", "TABLE_OF_TOPIC", "Columns", "Table", "connect", "table_ddl",
            "create_tables"]
 
 _QUAL = {"EQ": "=", "LT": "<", "GT": ">"}
@@ -198,28 +198,42 @@ def connect(dsn: str, database: str | None = None) -> Client:
     return client
 
 
-def create_tables(client: Client, dedup_window: int = 10_000) -> None:
-    """Create every missing table and add columns that newer schemas introduced (idempotent)."""
+def table_ddl(t: Table, dedup_window: int = 10_000, cluster: str | None = None) -> str:
+    """``CREATE TABLE`` for ``t``: a MergeTree on one server, or with ``cluster`` a
+    ReplicatedMergeTree created ``ON CLUSTER`` (the Keeper path and replica from the server's
+    ``{shard}`` / ``{replica}`` macros), each deduplicating the last ``dedup_window`` insert tokens."""
+    cols = [*t.columns, *PROVENANCE]
+    ttl = f"TTL {_ttl(t)} " if t.ttl_s else ""
+    body = f"({', '.join(f'`{n}` {typ}' for n, typ in cols)})"
+    if cluster is None:
+        return (f"CREATE TABLE IF NOT EXISTS {t.name} {body} ENGINE = MergeTree ORDER BY {t.order_by} {ttl}"
+                f"SETTINGS non_replicated_deduplication_window = {dedup_window}")
+    return (f"CREATE TABLE IF NOT EXISTS {t.name} ON CLUSTER `{cluster}` {body} ENGINE = ReplicatedMergeTree("
+            f"'/clickhouse/tables/{{shard}}/{{database}}/{t.name}', '{{replica}}') ORDER BY {t.order_by} {ttl}"
+            f"SETTINGS replicated_deduplication_window = {dedup_window}")
+
+
+def create_tables(client: Client, dedup_window: int = 10_000, cluster: str | None = None) -> None:
+    """Create every missing table and add columns that newer schemas introduced (idempotent);
+    ``cluster``: Replicated tables and views ``ON CLUSTER`` (:func:`table_ddl`)."""
+    on = f" ON CLUSTER `{cluster}`" if cluster else ""
     for t in TABLES.values():
         cols = [*t.columns, *PROVENANCE]
-        ttl = f"TTL {_ttl(t)} " if t.ttl_s else ""
-        client.command(f"CREATE TABLE IF NOT EXISTS {t.name} ({', '.join(f'`{n}` {typ}' for n, typ in cols)}) "
-                       f"ENGINE = MergeTree ORDER BY {t.order_by} {ttl}"
-                       f"SETTINGS non_replicated_deduplication_window = {dedup_window}")
+        client.command(table_ddl(t, dedup_window, cluster))
         existing = {r[0] for r in client.query(f"SELECT name FROM system.columns WHERE database = currentDatabase() "
                                                 f"AND table = '{t.name}'").result_rows}
         for n, typ in cols:
             if n not in existing:
-                client.command(f"ALTER TABLE {t.name} ADD COLUMN IF NOT EXISTS `{n}` {typ}")
+                client.command(f"ALTER TABLE {t.name}{on} ADD COLUMN IF NOT EXISTS `{n}` {typ}")
         if t.ttl_s:  # a table made before the TTL existed gets it too
-            client.command(f"ALTER TABLE {t.name} MODIFY TTL {_ttl(t)}")
+            client.command(f"ALTER TABLE {t.name}{on} MODIFY TTL {_ttl(t)}")
     for name, sql in VIEWS.items():
-        client.command(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+        client.command(f"CREATE OR REPLACE VIEW {name}{on} AS {sql}")
     # What the loop accepted: readings minus those its worker dead-lettered (wrong unit, unknown
     # compound or request, out of range...). A rejected row is matched by its own message and id, so
     # the same id sent again, correctly, counts.
     client.command(
-        "CREATE VIEW IF NOT EXISTS accepted_readings AS SELECT * FROM readings "
+        f"CREATE VIEW IF NOT EXISTS accepted_readings{on} AS SELECT * FROM readings "
         "WHERE (_topic, _partition, _offset, reading_id) NOT IN ("
         "SELECT source_topic, toUInt16(source_partition), toUInt64(source_offset), arrayJoin(rejected_ids) "
         "FROM dead_letters)")

@@ -17,7 +17,7 @@ from rdkit.Chem import rdFingerprintGenerator
 
 from labloop.models.errors import InvalidMolecule
 
-__all__ = ["MAX_HEAVY_ATOMS", "MAX_SMILES_CHARS", "FeatureSpec", "MoleculeLimits", "featurize", "featurize_mols",
+__all__ = ["MAX_HEAVY_ATOMS", "MAX_SMILES_CHARS", "FeatureSpec", "MoleculeLimits", "featurize", "featurize_mols", "featurize_smiles",
            "parse_many", "parse_smiles", "quiet_rdkit"]
 
 # Bounds on one molecule. The largest in the bundled sets: 291 characters and 122 heavy atoms
@@ -123,6 +123,27 @@ class FeatureSpec:
 
 def _n_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
+
+
+def featurize_smiles(smiles: Sequence[str], limits: MoleculeLimits, spec: FeatureSpec,
+                     ) -> tuple[list[int], list[tuple[int, str]], np.ndarray]:
+    """Parse and fingerprint a batch in one call (what a chemistry subprocess runs).
+
+    Returns:
+        ``(ok, rejected, X)``: the input positions parsed, ``(position, reason)`` for each rejected
+        one, and ``len(ok) x spec.n_bits`` features (:func:`featurize_mols`); plain values, so
+        that they cross a process boundary.
+    """
+    mols: list[Chem.Mol] = []
+    ok: list[int] = []
+    rejected: list[tuple[int, str]] = []
+    for i, s in enumerate(smiles):
+        try:
+            mols.append(parse_smiles(s, limits))
+            ok.append(i)
+        except InvalidMolecule as exc:
+            rejected.append((i, exc.reason))
+    return ok, rejected, featurize_mols(mols, spec)
 
 
 def featurize_mols(mols: Sequence[Chem.Mol], spec: FeatureSpec = FeatureSpec()) -> np.ndarray:

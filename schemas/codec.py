@@ -121,6 +121,9 @@ class Codec:
         registry_url: Schema Registry URL; when set, :meth:`encode` writes Confluent framing.
         registry_config: extra confluent-kafka ``SchemaRegistryClient`` settings
             (``basic.auth.user.info``, TLS paths...).
+        auto_register: register a schema the first time it is written (the registry's default);
+            False only looks it up, so that producers never change a governed registry.
+        registry: a registry client to use instead of one made from ``registry_url``.
 
     >>> codec = Codec()
     >>> raw = codec.encode("RequestStatus", {"request_id": "r1", "campaign_id": "c", "compound_id": "x",
@@ -130,7 +133,8 @@ class Codec:
     """
 
     def __init__(self, schema_dir: Path = SCHEMA_DIR, registry_url: str | None = None,
-                 registry_config: dict[str, str] | None = None) -> None:
+                 registry_config: dict[str, str] | None = None, auto_register: bool = True,
+                 registry: Any = None) -> None:
         self.current: dict[str, _Schema] = {}
         self._by_fp: dict[bytes, _Schema] = {}
         files = sorted(Path(schema_dir).glob("*.avsc"))
@@ -140,16 +144,22 @@ class Codec:
             s = _load(path)
             self.current[s.name.rsplit(".", 1)[-1]] = s
             self._by_fp[s.fingerprint] = s
+        self._history: dict[str, list[tuple[int, _Schema]]] = {}
         for path in sorted((Path(schema_dir) / "history").glob("*.avsc")):
             s = _load(path)
             self._by_fp.setdefault(s.fingerprint, s)
-        self._registry: Any = None
+            short, _, version = path.name.removesuffix(".avsc").rpartition(".v")
+            if version.isdigit():
+                self._history.setdefault(short, []).append((int(version), s))
+        self._registry: Any = registry
+        self.auto_register = auto_register
         self._ids: dict[str, int] = {}
         self._by_id: dict[int, _Schema] = {}
-        if registry_url:
+        if registry_url and registry is None:
             from confluent_kafka.schema_registry import SchemaRegistryClient
 
-            self._registry = SchemaRegistryClient({"url": registry_url, **(registry_config or {})})
+            # new_client: an http(s):// registry, or confluent-kafka's in-process mock for mock://
+            self._registry = SchemaRegistryClient.new_client({"url": registry_url, **(registry_config or {})})
 
     @property
     def names(self) -> list[str]:
@@ -166,11 +176,54 @@ class Codec:
         """8-byte CRC-64-AVRO fingerprint of the current schema ``name``."""
         return self.schema(name).fingerprint
 
+    def versions(self, name: str) -> list[str]:
+        """Every version of schema ``name`` in the order written: ``history/NAME.vN.avsc`` by N,
+        then the current one if it is newer. Each is Avro source text."""
+        out = [s.source for _, s in sorted(self._history.get(name, []), key=lambda v: v[0])]
+        cur = self.schema(name)
+        if not any(s.fingerprint == cur.fingerprint for _, s in self._history.get(name, [])):
+            out.append(cur.source)
+        return out
+
+    def govern(self, level: str = "BACKWARD_TRANSITIVE") -> dict[str, int]:
+        """Register every version of every schema, in history order, under its record name (the
+        subject: a topic may carry several record types), and set each subject's compatibility to
+        ``level``; returns subject -> the number of versions it holds.
+
+        Raises:
+            SchemaError: no registry is configured, or it refused a version (the message names it).
+        """
+        from confluent_kafka.schema_registry import Schema
+
+        if self._registry is None:
+            raise SchemaError("no schema registry configured (LABLOOP_SCHEMA_REGISTRY_URL)")
+        out: dict[str, int] = {}
+        for name in self.names:
+            subject = self.schema(name).name
+            for i, source in enumerate(self.versions(name), 1):
+                try:
+                    self._registry.register_schema(subject, Schema(source, "AVRO"))
+                except Exception as exc:  # the registry client raises its own error types
+                    raise SchemaError(f"the registry refused version {i} of {subject}: {exc}") from exc
+            try:
+                self._registry.set_compatibility(subject_name=subject, level=level)
+            except Exception as exc:
+                raise SchemaError(f"the registry refused {level} for {subject}: {exc}") from exc
+            out[subject] = len(self._registry.get_versions(subject))
+        return out
+
     def _registry_id(self, s: _Schema) -> int:
         if s.name not in self._ids:
             from confluent_kafka.schema_registry import Schema
 
-            sid = int(self._registry.register_schema(s.name, Schema(s.source, "AVRO")))
+            if self.auto_register:
+                sid = int(self._registry.register_schema(s.name, Schema(s.source, "AVRO")))
+            else:
+                try:
+                    sid = int(self._registry.lookup_schema(s.name, Schema(s.source, "AVRO")).schema_id)
+                except Exception as exc:
+                    raise SchemaError(f"{s.name} is not registered and auto-registration is off: run "
+                                      f"`labloop topics` with the operator's registry credentials ({exc})") from exc
             self._ids[s.name] = sid
             self._by_id[sid] = s
         return self._ids[s.name]

@@ -25,8 +25,12 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from labloop.streams.procs import RuntimeFailure, free_port, port_in_use, spawn, wait_for_port
+
+if TYPE_CHECKING:  # imported where used: `python -m labloop.streams.gate` must not find it loaded
+    from labloop.streams.gate import GateConfig
 
 __all__ = ["BrokerIdentity", "EmbeddedBroker"]
 
@@ -85,12 +89,16 @@ class EmbeddedBroker:
         port: the Kafka port (memory: default a free one; durable: used on the first start only).
         log_path: where the broker's (and object store's) output goes; None discards it.
         storage_dir: the durable log's directory; None keeps the log in memory.
+        gate: SASL and/or TLS in front of Tansu (``streams/gate.py``); its ``port`` and
+            ``inner_port`` are filled in here. None = Tansu answers clients itself, in plaintext.
     """
 
     def __init__(self, port: int | None = None, log_path: Path | None = None,
-                 storage_dir: Path | None = None) -> None:
+                 storage_dir: Path | None = None, gate: GateConfig | None = None) -> None:
         self.log_path = log_path
         self.storage_dir = storage_dir
+        self.gate_config = gate
+        self.gate: subprocess.Popen[bytes] | None = None
         self.identity: BrokerIdentity | None = None
         if storage_dir is not None:
             self.identity = BrokerIdentity.load_or_create(storage_dir / "broker.json", port or 0)
@@ -149,18 +157,29 @@ class EmbeddedBroker:
             env.update(self._start_store(self.identity, timeout_s))
             engine = f"s3://{BUCKET}/"
         url = f"tcp://127.0.0.1:{self.port}"
-        self.proc = spawn([binary, "broker", "--cluster-id", self.cluster_id, "--listener-url", url,
-                           "--advertised-listener-url", url, "--storage-engine", engine, "--silent"], self.log_path, env)
+        # With a gate, Tansu listens on an inner port and tells clients the gate's address, so
+        # every connection (bootstrap and the ones metadata points to) is authenticated.
+        inner = free_port() if self.gate_config is not None else self.port
+        self.proc = spawn([binary, "broker", "--cluster-id", self.cluster_id, "--listener-url",
+                           f"tcp://127.0.0.1:{inner}", "--advertised-listener-url", url, "--storage-engine", engine,
+                           "--silent"], self.log_path, env)
         try:
-            wait_for_port(self.port, timeout_s, self.proc, "Tansu broker")
+            wait_for_port(inner, timeout_s, self.proc, "Tansu broker")
+            if self.gate_config is not None:
+                from labloop.streams.gate import GateConfig
+
+                cfg = GateConfig(**{**self.gate_config.__dict__, "port": self.port, "inner_port": inner})
+                self.gate = spawn([sys.executable, "-m", "labloop.streams.gate", *cfg.to_args()], self.log_path,
+                                  dict(os.environ))
+                wait_for_port(self.port, timeout_s, self.gate, "the broker's SASL/TLS gate")
         except RuntimeFailure:
             self.stop()
             raise
         return self
 
     def alive(self) -> bool:
-        """Both processes (the broker, and the object store when durable) are running."""
-        procs = [self.proc] + ([self.store] if self.durable else [])
+        """Its processes (the broker, the object store when durable, the gate if any) are running."""
+        procs = [self.proc] + ([self.store] if self.durable else []) + ([self.gate] if self.gate_config else [])
         return all(p is not None and p.poll() is None for p in procs)
 
     def exit_codes(self) -> str:
@@ -168,11 +187,13 @@ class EmbeddedBroker:
         parts = [f"broker {self.proc.poll() if self.proc else None}"]
         if self.durable:
             parts.append(f"object store {self.store.poll() if self.store else None}")
+        if self.gate_config:
+            parts.append(f"gate {self.gate.poll() if self.gate else None}")
         return ", ".join(parts)
 
     def stop(self) -> None:
-        """Stop the broker, then its object store (the broker flushes to it)."""
-        for p in (self.proc, self.store):
+        """Stop the gate, the broker, then its object store (the broker flushes to it)."""
+        for p in (self.gate, self.proc, self.store):
             if p is not None and p.poll() is None:
                 p.terminate()
                 try:

@@ -35,11 +35,24 @@ def _settings() -> Settings:
     return s
 
 
-def _kafka(s: Settings) -> dict[str, str]:
+def _kafka(s: Settings, role: str = "operator") -> dict[str, str]:
     """Client settings: LABLOOP_KAFKA_BOOTSTRAP, else the embedded broker of the data directory
-    (the one `labloop up` runs there now, or last ran: a disk broker keeps its address)."""
-    if not s.embedded_kafka:
-        return s.kafka_config()
+    (the one `labloop up` runs there now, or last ran: a disk broker keeps its address), with
+    ``role``'s credentials when that broker authenticates. Checked once per process
+    (:func:`check_broker`): wrong credentials are a named error at once, not endless retries."""
+    conf = s.kafka_config() if not s.embedded_kafka else {**s.kafka_config(role), "bootstrap.servers": _embedded(s)}
+    key = (conf["bootstrap.servers"], conf.get("sasl.username", ""))
+    if key not in _CHECKED:
+        from labloop.consumers.kafka import check_broker
+
+        _CHECKED[key] = check_broker(conf)
+    return conf
+
+
+_CHECKED: dict[tuple[str, str], str] = {}  # (bootstrap, user) -> cluster id, for this process
+
+
+def _embedded(s: Settings) -> str:
     from labloop.streams.broker import BrokerIdentity
     from labloop.streams.runtime import StackLock
 
@@ -49,13 +62,12 @@ def _kafka(s: Settings) -> dict[str, str]:
         bootstrap = f"127.0.0.1:{BrokerIdentity.load_or_create(ident).port}"
     if not bootstrap:
         raise typer.BadParameter(f"no broker: set LABLOOP_KAFKA_BOOTSTRAP, or run `labloop up` on {s.data_dir}")
-    return {**s.kafka_config(), "bootstrap.servers": bootstrap}
+    return bootstrap
 
 
 def _codec(s: Settings):  # type: ignore[no-untyped-def]
-    from labloop.schemas import Codec
 
-    return Codec(registry_url=s.schema_registry_url, registry_config=s.registry_config())
+    return s.codec()
 
 
 def _banner(info: dict[str, object]) -> Table:
@@ -270,18 +282,17 @@ def worker() -> None:
     # The event loop needs a core of its own; fits share the rest (2 cores here: one thread).
     fit_threads = max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(fit_threads)
-    from confluent_kafka.admin import AdminClient
-
     from labloop.streams.checkpoint import CheckpointStore
     from labloop.streams.recovery import rebuild
 
-    faust_app, w = create_app(s, _kafka(s)["bootstrap.servers"])
+    conf = _kafka(s)
+    faust_app, w = create_app(s, conf["bootstrap.servers"])
     from labloop.consumers.health import HealthServer
 
     w.health = HealthServer(s.health_port, w.metrics.registry, w.ready).start()  # answers /healthz during the restore
     logging.getLogger("labloop.worker").warning("health and metrics on http://127.0.0.1:%d/metrics", w.health.port)
     group = str(faust_app.conf.id)
-    cluster = AdminClient(dict(_kafka(s))).list_topics(timeout=30).cluster_id or ""  # type: ignore[arg-type]
+    cluster = _CHECKED[(conf["bootstrap.servers"], conf.get("sasl.username", ""))]
     w.checkpoints = CheckpointStore(s.data_dir / "checkpoints" / f"{group}-{s.worker_id}", cluster, group)
     if s.model_process:
         w.start_models(fit_threads)
@@ -316,6 +327,12 @@ def topics() -> None:
 
     s = _settings()
     created = ensure_topics(_kafka(s))
+    if s.schema_registry_url:  # every version in history order, each subject BACKWARD_TRANSITIVE
+        subjects = s.codec(auto_register=True).govern()
+        reg = Table("subject", "versions", "compatibility")
+        for subject, n in subjects.items():
+            reg.add_row(subject, str(n), "BACKWARD_TRANSITIVE")
+        console.print(reg)
     t = Table("topic", "carries", "key", "partitions", "retention", "table", "created now")
     for spec in TOPICS.values():
         t.add_row(spec.name, ", ".join(spec.schemas), spec.key, str(spec.partitions),
@@ -393,7 +410,7 @@ def publish_compounds(
     from labloop.consumers.publisher import compound_rows, publish_records
 
     s = _settings()
-    res = publish_records(make_producer(_kafka(s)), _codec(s), "compounds", "CompoundRegistered",
+    res = publish_records(make_producer(_kafka(s, "publisher")), _codec(s), "compounds", "CompoundRegistered",
                           compound_rows(file, campaign_id, smiles_col, id_col, source))
     _report_publish(res, "compounds")
 
@@ -418,7 +435,7 @@ def publish_readings(
     s = _settings()
     rows = reading_rows(file, campaign_id, assay, unit, compound_col, value_col, qualifier_col, id_col, instrument,
                         smiles_col)
-    res = publish_records(make_producer(_kafka(s)), _codec(s), "readings", "AssayReading", rows)
+    res = publish_records(make_producer(_kafka(s, "publisher")), _codec(s), "readings", "AssayReading", rows)
     _report_publish(res, "readings")
 
 
@@ -447,7 +464,7 @@ def robot(
     journal = s.data_dir / "robots" / f"{robot_id}.journal"
     group = "labloop-robots" if not (campaign or assay) else \
         "labloop-robots-" + "-".join(sorted(campaign or ["all"]) + sorted(assay or ["all"]))  # a group per fleet
-    lab = VirtualLab(RobotClient(_kafka(s), _codec(s), robot_id=robot_id, journal=journal, group_id=group,
+    lab = VirtualLab(RobotClient(_kafka(s, "robot"), _codec(s), robot_id=robot_id, journal=journal, group_id=group,
                                  campaigns=set(campaign) if campaign else None, assays=set(assay) if assay else None),
                      Oracle.from_csv(oracle, smiles_col, value_col),
                      LabConfig(latency_s=latency_s, noise_sd=noise_sd, failure_rate=failure_rate, plate_size=plate_size,
@@ -497,6 +514,29 @@ def sql(query: Annotated[str, typer.Argument(help="SQL for ClickHouse")],
         for r in rows:
             t.add_row(*("NULL" if v is None else str(v) for v in r))
         console.print(t)
+
+
+@app.command()
+def roles(apply: Annotated[bool, typer.Option("--apply", help="run them on the configured ClickHouse server "
+                                               "(LABLOOP_CLICKHOUSE_DSN, an account that may create roles)")] = False
+          ) -> None:
+    """Print (or, with --apply, create) the ClickHouse roles: the sink INSERT-only, analysts
+    SELECT-only, the operator schema work; nobody deletes raw or audit rows."""
+    from labloop.consumers import connect
+    from labloop.consumers.roles import roles_sql
+
+    s = _settings()
+    stmts = roles_sql(s.clickhouse_database, s.clickhouse_analyst_timeout_s, cluster=s.clickhouse_cluster)
+    if not apply:
+        print(";\n".join(stmts) + ";")
+        return
+    if s.embedded_clickhouse:
+        raise typer.BadParameter("chDB has no access control: the embedded HTTP interface enforces these rules "
+                                 "itself; --apply is for a ClickHouse server (LABLOOP_CLICKHOUSE_DSN)")
+    client = connect(s.clickhouse_target)
+    for stmt in stmts:
+        client.command(stmt)
+    console.print(f"created {', '.join(r for r in ('labloop_sink', 'labloop_analyst', 'labloop_operator'))}")
 
 
 @app.command()
@@ -676,6 +716,61 @@ def bench_al(
     console.print(f"  wall time {res['wall_s']:.1f}s (featurization {res['featurize_s']:.1f}s)")
     if stack:
         res["stack"] = offline_vs_stack(s, ds, cfg, X, console)
+    if report:
+        report.write_text(json.dumps(res, indent=2))
+        console.print(f"  report: {report}")
+
+
+@bench_app.command("mo")
+def bench_mo(
+    csv_path: Annotated[Path, typer.Option("--csv", exists=True, dir_okay=False, help="pool CSV (optionally .gz)")],
+    objective: Annotated[list[str], typer.Option(help="COL:min or COL:max (repeatable)")],
+    smiles_col: Annotated[str, typer.Option(help="SMILES column")] = "smiles",
+    constraint: Annotated[list[str] | None, typer.Option(help='"COL<=X" or "COL>=X" (repeatable)')] = None,
+    ref_quantile: Annotated[float, typer.Option(min=0.0, max=1.0, help="reference point: only the best 1-Q of "
+                                                                      "the pool pass it (0.5 = the median)")] = 0.5,
+    top_k: Annotated[int, typer.Option(min=1, help="the first non-dominated layers holding at least K compounds")] = 50,
+    init_frac: float = 0.02,
+    batch_frac: float = 0.02,
+    rounds: Annotated[int, typer.Option(min=1)] = 5,
+    seeds: Annotated[int, typer.Option(min=1)] = 3,
+    beta: Annotated[float, typer.Option(min=0.0, help="ParEGO optimism: objectives scored at mean - beta*std")] = 1.0,
+    diversity: Annotated[float, typer.Option(min=0.0, max=1.0, help="penalty on Tanimoto similarity to the "
+                                                                    "batch's earlier picks (0 = none)")] = 0.0,
+    reference: Annotated[str | None, typer.Option(help="botorch: BoTorch qNEHVI beside labloop (pip install botorch)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
+) -> None:
+    """The `bench al` protocol for several objectives and constraints on any CSV: hypervolume and
+    Pareto layers found, beside random selection (and BoTorch with --reference botorch)."""
+    from labloop.models.pareto import Constraint
+    from labloop.streams.bench_mo import MOConfig, load_mo_csv, print_mo, run_mo_bench
+
+    objs: list[tuple[str, bool]] = []
+    for o in objective:
+        col, _, d = o.rpartition(":")
+        if d not in ("min", "max") or not col:
+            raise typer.BadParameter(f"--objective {o!r}: expected COL:min or COL:max")
+        objs.append((col, d == "max"))
+    try:
+        cons = tuple(Constraint.parse(c) for c in (constraint or []))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    ref_fn = None
+    if reference == "botorch":
+        from labloop.streams.bench_mo_botorch import botorch_seed
+
+        ref_fn = botorch_seed
+    elif reference is not None:
+        raise typer.BadParameter(f"unknown --reference {reference!r}; known: botorch")
+    cfg = MOConfig(tuple(objs), cons, ref_quantile, top_k, init_frac, batch_frac, rounds, seeds, beta=beta,
+                   diversity=diversity, reference=reference, device=None if device == "auto" else device)
+    cols = list(dict.fromkeys([c for c, _ in objs] + [c.column for c in cons]))
+    pool = load_mo_csv(csv_path, smiles_col, cols)
+    console.print(f"[bold]bench mo[/]: {csv_path.name}, {len(pool.smiles)} compounds with every column "
+                  f"({len(pool.skipped)} rows skipped)")
+    res = run_mo_bench(pool, cfg, console, ref_fn)
+    print_mo(res, console)
     if report:
         report.write_text(json.dumps(res, indent=2))
         console.print(f"  report: {report}")

@@ -146,7 +146,7 @@ def run_on_stack(settings: Settings, ds: Dataset, init: int, batch: int, budget:
     """
     console = console or Console()
     cid = f"{ds.name.split('.')[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
-    codec = Codec(registry_url=settings.schema_registry_url, registry_config=settings.registry_config())
+    codec = settings.codec()
     console.print(f"[bold]campaign[/] [cyan]{cid}[/]: pool {len(ds.smiles)}, random start {init}, then batches of "
                   f"{batch}, budget {budget}; {learner} + {policy}")
     with Stack(settings) as stack:

@@ -23,6 +23,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from labloop.consumers.kafka import check_broker
 from labloop.consumers.tables import redact
 from labloop.schemas import TOPICS, TopicSpec
 from labloop.streams.broker import EmbeddedBroker
@@ -41,6 +42,7 @@ def ensure_topics(kafka_config: dict[str, str], topics: list[TopicSpec] | None =
     Tansu does not auto-create topics, and neither should production: this is
     the one place topics come from.
     """
+    check_broker(kafka_config, timeout_s)
     admin = AdminClient(dict(kafka_config))  # type: ignore[arg-type]
     specs = topics if topics is not None else list(TOPICS.values())
     existing = set(admin.list_topics(timeout=timeout_s).topics)
@@ -166,7 +168,7 @@ class Stack:
 
     @property
     def kafka_config(self) -> dict[str, str]:
-        return {**self.settings.kafka_config(), "bootstrap.servers": self.bootstrap}
+        return {**self.settings.kafka_config("operator"), "bootstrap.servers": self.bootstrap}
 
     @property
     def health_ports(self) -> dict[str, int]:
@@ -197,7 +199,7 @@ class Stack:
                      "kafka_fetch_max_wait_backlog_ms", "worker_batch", "worker_batch_window_s",
                      "sink_batch_rows", "sink_flush_s", "sink_exactly_once", "sink_dedup_keys", "checkpoint_interval_s",
                      "model_process", "backlog_messages", "backlog_fit_share", "max_smiles_chars", "max_heavy_atoms",
-                     "max_plate_wells", "max_message_bytes", "clickhouse_analyst_timeout_s"):
+                     "max_plate_wells", "max_message_bytes", "chem_timeout_s", "clickhouse_analyst_timeout_s", "broker_sasl", "broker_tls"):
             value = getattr(self.settings, name)
             env[f"LABLOOP_{name.upper()}"] = str(value.resolve() if isinstance(value, Path) else value)
         for name in ("clickhouse_analyst_password", "clickhouse_operator_password"):  # unset: the children share the data dir's
@@ -206,11 +208,26 @@ class Stack:
                 env[f"LABLOOP_{name.upper()}"] = secret.get_secret_value()
         return env
 
+    def _security_env(self, role: str) -> dict[str, str]:
+        """A child is a client of the broker like any other: its role's credentials and the CA, as
+        explicit settings (the environment of a process is its owner's only)."""
+        sec = self.settings.kafka_security(role)
+        env = {"LABLOOP_KAFKA_SECURITY_PROTOCOL": sec.protocol}
+        if sec.mechanism:
+            env.update({"LABLOOP_KAFKA_SASL_MECHANISM": sec.mechanism, "LABLOOP_KAFKA_SASL_USERNAME": sec.username or "",
+                        "LABLOOP_KAFKA_SASL_PASSWORD": sec.password or ""})
+        if sec.cafile:
+            env["LABLOOP_KAFKA_SSL_CAFILE"] = str(sec.cafile.resolve())
+        return env
+
     def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None, module: str = CLI) -> _Proc:
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         path = logs / f"{name}.log"
-        proc = spawn([sys.executable, "-m", module, *args], path, {**self._env(), **(env or {})})
+        full = {**self._env(), **(env or {})}
+        if self.settings.embedded_kafka and (self.settings.broker_sasl or self.settings.broker_tls):
+            full.update(self._security_env(full.get("LABLOOP_KAFKA_ROLE", "operator")))
+        proc = spawn([sys.executable, "-m", module, *args], path, full)
         p = _Proc(name, args, proc, path, env or {}, module)
         self.procs.append(p)
         return p
@@ -222,7 +239,8 @@ class Stack:
             (self.settings.data_dir / "logs").mkdir(parents=True, exist_ok=True)
             storage = self.settings.data_dir / "broker" if self.settings.broker_storage == "disk" else None
             self.broker = EmbeddedBroker(port=self.settings.kafka_port or None, storage_dir=storage,
-                                         log_path=self.settings.data_dir / "logs" / "broker.log")
+                                         log_path=self.settings.data_dir / "logs" / "broker.log",
+                                         gate=self._gate_config())
             self.broker.start()
             self.bootstrap = self.broker.bootstrap
         else:
@@ -233,12 +251,31 @@ class Stack:
             if self.settings.embedded_clickhouse and port_in_use(port):
                 raise RuntimeFailure(f"127.0.0.1:{port} is already in use (another labloop, or a ClickHouse server?): "
                                      f"set LABLOOP_CLICKHOUSE_HTTP_PORT to a free port")
-            sink = self._spawn("sink", "sink", env={"LABLOOP_HEALTH_PORT": str(free_port())})
+            sink = self._spawn("sink", "sink", env={"LABLOOP_HEALTH_PORT": str(free_port()), "LABLOOP_KAFKA_ROLE": "sink"})
             if self.settings.embedded_clickhouse:
                 wait_for_port(self.settings.clickhouse_http_port, 60, sink.proc, "ClickHouse sink")
         for i in range(self.workers):
-            self._spawn(f"worker-{i}", "worker", env={"LABLOOP_WORKER_ID": str(i), "LABLOOP_HEALTH_PORT": str(free_port())})
+            self._spawn(f"worker-{i}", "worker", env={"LABLOOP_WORKER_ID": str(i), "LABLOOP_HEALTH_PORT": str(free_port()),
+                                                    "LABLOOP_KAFKA_ROLE": "worker"})
         return self
+
+    def _gate_config(self) -> Any:
+        """The embedded broker's SASL/TLS front (a :class:`labloop.streams.gate.GateConfig`), as the
+        settings ask; None for neither."""
+        from labloop.streams.gate import GateConfig, make_certificates, write_users
+
+        s = self.settings
+        if not (s.broker_sasl or s.broker_tls):
+            return None
+        broker_dir = s.data_dir / "broker"
+        users = None
+        if s.broker_sasl:
+            users = broker_dir / "users.json"
+            write_users(users, s.kafka_passwords())  # salted keys only; the passwords stay in credentials.json
+        cert = key = None
+        if s.broker_tls:
+            _, cert, key = make_certificates(broker_dir / "tls")
+        return GateConfig(0, 0, users, ("SCRAM-SHA-256", "SCRAM-SHA-512") if s.broker_sasl else (), cert, key)
 
     def restart(self, name: str, *, module: str | None = None, args: tuple[str, ...] | None = None, **env: str) -> None:
         """Start a child again under the same name (after it died or was killed); ``env`` adds

@@ -7,8 +7,8 @@ import signal
 
 from labloop.consumers import ClickHouseSink, HttpBridge, connect, create_tables
 from labloop.consumers.health import HealthServer
+from labloop.consumers.kafka import check_broker
 from labloop.consumers.sink import InsertHook
-from labloop.schemas import Codec
 from labloop.streams.runtime import RuntimeFailure
 from labloop.streams.settings import Settings
 
@@ -23,12 +23,14 @@ def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> None:
     if settings.embedded_kafka:
         raise RuntimeFailure("the sink needs a broker: set LABLOOP_KAFKA_BOOTSTRAP (`labloop up` does)")
     s = settings
+    check_broker(s.kafka_config(), 30)  # wrong credentials: a named error now, not reconnects forever
     client = connect(s.clickhouse_target, s.clickhouse_database)
-    create_tables(client)
-    codec = Codec(registry_url=s.schema_registry_url, registry_config=s.registry_config())
+    create_tables(client, cluster=s.clickhouse_cluster)
+    codec = s.codec()
     snk = ClickHouseSink(client, s.kafka_config(), codec, batch_rows=s.sink_batch_rows, flush_s=s.sink_flush_s,
                          session_timeout_s=s.kafka_session_timeout_s, exactly_once=s.sink_exactly_once,
-                         dedup_keys=s.sink_dedup_keys, on_insert=on_insert)
+                         dedup_keys=s.sink_dedup_keys, on_insert=on_insert,
+                         replicated=s.clickhouse_cluster is not None)
     bridge = HttpBridge(s.clickhouse_target.removeprefix("chdb://"), s.clickhouse_http_port, s.clickhouse_database,
                         s.http_passwords(), timeout_s=s.clickhouse_analyst_timeout_s).start() \
         if s.embedded_clickhouse else None

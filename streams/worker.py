@@ -37,11 +37,11 @@ import faust
 import numpy as np
 from faust.exceptions import ConsumerNotStarted
 
-from labloop.models import FeatureSpec, ModelError, parse_many
-from labloop.models.chem import MoleculeLimits, featurize_mols
+from labloop.models import FeatureSpec, ModelError
+from labloop.models.chem import MoleculeLimits
 from labloop.models.learners import pack_rows
 from labloop.models.state import dumps
-from labloop.schemas import TOPICS, Codec, InvalidEvent, LabloopError
+from labloop.schemas import TOPICS, InvalidEvent, LabloopError
 from labloop.schemas.types import Record
 from labloop.streams.campaign import (
     CampaignRuntime,
@@ -55,6 +55,7 @@ from labloop.streams.campaign import (
     plate_error,
 )
 from labloop.streams.checkpoint import CheckpointStore
+from labloop.streams.chempool import ChemPool
 from labloop.streams.engine import CampaignEngine
 from labloop.streams.faust_transport import set_fetch_max_wait
 from labloop.streams.metrics import WorkerMetrics
@@ -73,15 +74,20 @@ _DEAD_LETTER_IDS_MAX = 20_000  # rejected ids listed in one dead letter (a plate
 
 
 def _credentials(settings: Settings) -> Any:
-    proto = settings.kafka_security_protocol
+    """Faust's credentials from the settings: SASL (PLAIN, SCRAM, OAUTHBEARER), TLS, mutual TLS."""
+    sec = settings.kafka_security()
     ctx = None
-    if proto in ("SSL", "SASL_SSL"):
-        ctx = ssl.create_default_context(cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None)
-    if proto.startswith("SASL"):
-        return faust.SASLCredentials(
-            username=settings.kafka_sasl_username or "",
-            password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else "",
-            mechanism=settings.kafka_sasl_mechanism or "PLAIN", ssl_context=ctx)
+    if sec.protocol in ("SSL", "SASL_SSL"):
+        ctx = ssl.create_default_context(cafile=str(sec.cafile) if sec.cafile else None)
+        if sec.certfile:
+            ctx.load_cert_chain(str(sec.certfile), str(sec.keyfile) if sec.keyfile else None, sec.key_password)
+    if sec.protocol.startswith("SASL") and sec.mechanism == "OAUTHBEARER":
+        from labloop.streams.oauth import ClientCredentialsTokens
+
+        return faust.OAuthCredentials(oauth_cb=ClientCredentialsTokens.from_settings(settings), ssl_context=ctx)
+    if sec.protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=sec.username or "", password=sec.password or "",
+                                     mechanism=sec.mechanism or "PLAIN", ssl_context=ctx)
     if ctx is not None:
         return faust.SSLCredentials(ctx)
     return None
@@ -93,14 +99,15 @@ class LabloopWorker:
     def __init__(self, app: faust.App, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.codec = Codec(registry_url=settings.schema_registry_url, registry_config=settings.registry_config())
+        self.codec = settings.codec()
         self.spec = FeatureSpec()
         self.limits = MoleculeLimits(settings.max_smiles_chars, settings.max_heavy_atoms)
         self.engine = CampaignEngine(device=settings.torch_device)  # the one writer of campaign state
         self.locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         # One thread each: torch already uses every core for a fit, and RDKit's batch API its own threads.
         self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-model")
-        self.chem_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-chem")
+        self.chem_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-chem")  # checkpoints, packing
+        self.chem = ChemPool(self.limits, self.spec, settings.chem_timeout_s)
         self.models: ModelHost | None = None  # started by start_models(); None = fits on the model thread
         self.updaters: dict[str, asyncio.Task[None]] = {}
         self.prediction_writers: dict[str, PredictionWriter] = {}
@@ -154,6 +161,7 @@ class LabloopWorker:
             os._exit(70)
 
     def stop_models(self) -> None:
+        self.chem.close()
         if self.models is not None:
             self.models.close()
 
@@ -443,11 +451,11 @@ class LabloopWorker:
         loop = asyncio.get_running_loop()
         for cid, items in batch.items():
             smiles = [r["smiles"] for _, r in items]
-            mols, ok, errors = await loop.run_in_executor(self.chem_pool, parse_many, smiles, self.limits)
+            # In a child process, bounded in time: RDKit's parser holds the interpreter lock.
+            ok, errors, X = await self.chem.featurize(smiles)
             bad = set(range(len(items))) - set(ok)
             for pos, err in zip(sorted(bad), errors, strict=True):
                 await self.dead_letter(items[pos][0], "validate", err)
-            X = await loop.run_in_executor(self.chem_pool, featurize_mols, mols, self.spec)
             packed = await loop.run_in_executor(self.chem_pool, pack_rows, X)  # for checkpoints, off the loop
             async with self.locks[cid]:
                 self.engine.register(cid, [items[i][1] for i in ok], X, packed)

@@ -94,3 +94,24 @@ def define_campaign(codec: Codec) -> Callable[..., None]:
         producer.flush(30)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def governed_registry() -> type:
+    """A class: confluent-kafka's in-process mock Schema Registry, plus the compatibility levels
+    it lacks (in 2.16.1 its ``set_config`` answers None and ``set_compatibility`` goes out over HTTP)."""
+    from confluent_kafka.schema_registry._sync.mock_schema_registry_client import MockSchemaRegistryClient
+
+    class GovernedMock(MockSchemaRegistryClient):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__({"url": "mock://labloop-test"})
+            self.levels: dict[str, str] = {}
+
+        def set_compatibility(self, subject_name: str | None = None, level: str | None = None) -> str:
+            self.levels[subject_name or ""] = str(level)
+            return str(level)
+
+        def get_compatibility(self, subject_name: str | None = None) -> str:
+            return self.levels.get(subject_name or "", "BACKWARD")
+
+    return GovernedMock

@@ -191,3 +191,36 @@ def test_an_absurd_timestamp_is_dead_lettered(hostile: dict[str, Any], ch: Any, 
     assert settle("SELECT count() FROM dead_letters WHERE error_message LIKE '%event_time 9223372036854775807%'",
                    1) == 1
 
+
+
+def test_a_molecule_that_outruns_the_time_bound_is_rejected_and_the_others_pass() -> None:
+    """The worker's chemistry child is killed when a batch overruns; the batch is parsed again one
+    molecule at a time, and only the slow one is rejected. Limits raised so that a 30 KB grid
+    (about 5 s to parse here) gets past the length check and reaches the parser."""
+    import asyncio
+
+    from labloop.models import FeatureSpec
+    from labloop.streams.chempool import ChemPool
+
+    timeout_s = 1.0
+    pool = ChemPool(MoleculeLimits(max_chars=100_000, max_heavy_atoms=10_000), FeatureSpec(), timeout_s)
+    slow = _grid_smiles(60)
+    batch = ["CCO", slow, "c1ccccc1O", "not a smiles"]
+
+    async def run() -> tuple[list[int], list[Any], Any, float]:
+        await pool.featurize(["C"])  # the child's start (imports RDKit and torch) is not the bound's
+        t0 = time.monotonic()
+        ok, errors, X = await pool.featurize(batch)
+        return ok, errors, X, time.monotonic() - t0
+
+    try:
+        ok, errors, X, took = asyncio.run(run())
+    finally:
+        pool.close()
+    assert ok == [0, 2] and X.shape == (2, FeatureSpec().n_bits) and X.sum() > 0
+    assert [e.smiles for e in errors] == [slow, "not a smiles"]
+    assert "longer than 1 s" in errors[0].reason
+    assert pool.killed == 2  # the batch's child, then the slow molecule's
+    # Bound: the batch's timeout, the slow molecule's own, and two child starts (about 1 s each here).
+    print(f"4 molecules, one pathological: {took:.1f} s")
+    assert took < 2 * timeout_s + 2 * 3.0

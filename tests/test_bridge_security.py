@@ -97,6 +97,25 @@ def test_the_operator_may_change_the_schema(stack: Stack, creds: dict[str, tuple
     assert _http(stack, "CREATE TABLE analyst_scratch (x Int64) ENGINE = Memory", creds["analyst"])[0] != 200
 
 
+@pytest.mark.parametrize("sql", ["DELETE FROM readings WHERE 1", "ALTER TABLE readings UPDATE value = 42 WHERE 1",
+                                 "ALTER TABLE labloop.dead_letters DELETE WHERE 1", "TRUNCATE TABLE requests",
+                                 "DROP TABLE IF EXISTS request_status", "ALTER TABLE readings DROP PARTITION tuple()",
+                                 "RENAME TABLE campaigns TO c2", "SELECT 1; DELETE FROM compounds WHERE 1"])
+def test_not_even_the_operator_rewrites_raw_or_audit_rows(sql: str, stack: Stack,
+                                                          creds: dict[str, tuple[str, str]]) -> None:
+    before = _count(stack, creds["analyst"], "SELECT count() FROM readings")
+    status, out = _http(stack, sql, creds["operator"])
+    assert status == 403 and b"append-only" in out, out
+    assert _count(stack, creds["analyst"], "SELECT count() FROM readings") >= before
+
+
+def test_the_operator_may_add_a_column_to_an_append_only_table(stack: Stack, creds: dict[str, tuple[str, str]]) -> None:
+    status, out = _http(stack, "ALTER TABLE readings ADD COLUMN IF NOT EXISTS operator_note String DEFAULT ''",
+                        creds["operator"])
+    assert status == 200, out
+    assert _http(stack, "ALTER TABLE readings DROP COLUMN operator_note", creds["operator"])[0] == 403
+
+
 def test_after_every_attempt_the_stack_is_up_and_ingest_goes_on(stack: Stack, creds: dict[str, tuple[str, str]],
                                                                 codec: Any) -> None:
     for sql in REFUSED.values():

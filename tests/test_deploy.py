@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,79 @@ def test_kubernetes_workloads_run_real_commands_with_real_settings_and_probes() 
                 assert str(port) == config["LABLOOP_HEALTH_PORT"]
                 assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
                 assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def _acl_calls(tmp_path: Path) -> list[tuple[str, str, str]]:
+    """Run deploy/kafka-acls.sh with a stand-in for Apache Kafka's kafka-acls.sh that records its
+    arguments; returns (principal, operation, resource) per grant."""
+    rec = tmp_path / "calls"
+    stub = tmp_path / "kafka-acls.sh"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {rec}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "BOOTSTRAP": "kafka:9093", "ADMIN_CONFIG": "/dev/null", "KAFKA_ACLS": str(stub)}
+    subprocess.run(["bash", str(DEPLOY / "kafka-acls.sh")], env=env, check=True, timeout=30)
+    out = []
+    for line in rec.read_text().splitlines():
+        a = line.split()
+        principal = a[a.index("--allow-principal") + 1]
+        res = a[a.index("--topic") + 1] if "--topic" in a else ("group:" + a[a.index("--group") + 1] if "--group" in a
+                                                                  else "cluster")
+        for i, w in enumerate(a):
+            if w == "--operation":
+                out.append((principal, a[i + 1], res))
+    return out
+
+
+def test_the_acl_script_gives_each_role_only_what_it_does(tmp_path: Path) -> None:
+    from labloop.schemas import TOPICS
+
+    calls = _acl_calls(tmp_path)
+    writes = {(p, t) for p, op, t in calls if op == "Write"}
+    reads = {(p, t) for p, op, t in calls if op == "Read"}
+    assert {p for p, t in writes if t == "labloop.campaigns"} == {"User:operator"}
+    assert {t for p, t in writes if p == "User:instrument"} == {"labloop.readings", "labloop.plates"}
+    assert {t for p, t in reads if p == "User:robot"} == {"labloop.requests", "group:labloop-robots"}
+    assert {"labloop.request-status", "labloop.readings"} <= {t for p, t in writes if p == "User:robot"}
+    assert not {t for p, t in writes if p == "User:sink"}
+    assert {t.name for t in TOPICS.values()} <= {t for p, t in reads if p == "User:sink"}
+    assert {"labloop.requests", "labloop.predictions", "labloop.model-updates", "labloop.dead-letters"} <= \
+        {t for p, t in writes if p == "User:worker"}
+    assert {"labloop.readings", "labloop.plates", "labloop.campaigns"} <= {t for p, t in reads if p == "User:worker"}
+
+
+def test_the_clickhouse_roles_parse_and_grant_nobody_a_way_to_rewrite_rows(tmp_path: Path) -> None:
+    from labloop.consumers import connect
+    from labloop.consumers.roles import roles_sql
+
+    stmts = roles_sql()
+    chunks = (DEPLOY / "clickhouse" / "roles.sql").read_text().split(";")
+    shipped = [q for q in (" ".join(ln for ln in c.splitlines() if not ln.startswith("--")).strip() for c in chunks) if q]
+    assert shipped == stmts  # deploy/ is what `labloop roles` prints
+    ch = connect(f"chdb://{tmp_path / 'ch'}")  # chDB cannot create roles (no access storage); it parses them
+    for s in stmts:
+        assert ch.query("SELECT formatQuery({q:String})", parameters={"q": s}).result_rows[0][0]
+    grants = {s.split(" TO ")[-1]: s for s in stmts if s.startswith("GRANT")}
+    assert grants["labloop_analyst"].startswith("GRANT SELECT ON")
+    assert grants["labloop_sink"].startswith("GRANT INSERT, SELECT ON")
+    for s in stmts:
+        for forbidden in ("DELETE", "UPDATE", "TRUNCATE", "DROP TABLE", "ALTER TABLE", "ALL"):
+            assert f" {forbidden}" not in s.split(" ON ")[0] or not s.startswith("GRANT"), s
+
+
+def test_replicated_tables_on_a_cluster(tmp_path: Path) -> None:
+    from labloop.consumers import connect
+    from labloop.consumers.tables import TABLES, table_ddl
+
+    for t in TABLES.values():
+        ddl = table_ddl(t, cluster="lab")
+        assert f"CREATE TABLE IF NOT EXISTS {t.name} ON CLUSTER `lab`" in ddl
+        assert "ReplicatedMergeTree('/clickhouse/tables/{shard}/{database}/" + t.name + "', '{replica}')" in ddl
+        assert "replicated_deduplication_window" in ddl and "non_replicated" not in ddl
+    ch = connect(f"chdb://{tmp_path / 'ch'}")  # chDB has no Keeper: it parses the replicated form, and runs the single one
+    for t in TABLES.values():
+        assert ch.query("SELECT formatQuery({q:String})", parameters={"q": table_ddl(t, cluster="lab")}).result_rows
+        ch.command(table_ddl(t))
+    # The settings a replicated sink sends are accepted.
+    ch.command("CREATE TABLE q (a UInt8) ENGINE = MergeTree ORDER BY a")
+    ch.insert("q", [[1]], column_names=["a"], settings={"insert_quorum": "auto", "insert_quorum_parallel": 0})
+    assert ch.query("SELECT count() FROM q", settings={"select_sequential_consistency": 1}).result_rows == [(1,)]

@@ -1,0 +1,78 @@
+"""Several objectives: Pareto layers, exact hypervolume, ParEGO batches, and `labloop bench mo`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from labloop.models.pareto import Constraint, hypervolume, nondominated_layers, parego_batch, prob_feasible, to_min
+
+ADME = Path(__file__).resolve().parent.parent / "data" / "adme" / "ADME_public_set_3521.csv.gz"
+HLM, SOL, MDR1 = "LOG HLM_CLint (mL/min/kg)", "LOG SOLUBILITY PH 6.8 (ug/mL)", "LOG MDR1-MDCK ER (B-A/A-B)"
+
+
+def test_layers_peel_the_front_off_one_at_a_time() -> None:
+    Z = np.array([[1, 4], [2, 2], [4, 1], [3, 3], [5, 5], [2, 2]], dtype=float)
+    assert nondominated_layers(Z).tolist() == [0, 0, 0, 1, 2, 0]
+
+
+def test_hypervolume_is_exact_in_two_and_three_objectives() -> None:
+    # Two points in 2-D: union of [1,3]x[2,3] and [2,3]x[1,3] = 2*1 + 1*2 - 1*1 = 3.
+    assert hypervolume(np.array([[1.0, 2.0], [2.0, 1.0]]), np.array([3.0, 3.0])) == pytest.approx(3.0)
+    # A dominated point and one outside the reference add nothing.
+    assert hypervolume(np.array([[1.0, 2.0], [2.0, 1.0], [2.5, 2.5], [4.0, 0.0]]), np.array([3.0, 3.0])) == pytest.approx(3.0)
+    # 3-D against a Monte Carlo estimate.
+    rng = np.random.default_rng(0)
+    P = rng.uniform(0, 1, (12, 3))
+    ref = np.ones(3)
+    U = rng.uniform(0, 1, (400_000, 3))
+    mc = (U[:, None, :] >= P[None, :, :]).all(axis=2).any(axis=1).mean()
+    assert hypervolume(P, ref) == pytest.approx(mc, abs=0.005)
+    assert to_min(np.array([[1.0, 2.0]]), [False, True]).tolist() == [[1.0, -2.0]]
+
+
+def test_constraints_parse_and_feasibility_is_a_probability() -> None:
+    c = Constraint.parse("HLM <= 1.0")
+    assert (c.column, c.bound, c.upper) == ("HLM", 1.0, True)
+    assert Constraint.parse("sol>=-2").upper is False
+    with pytest.raises(ValueError):
+        Constraint.parse("HLM < 1")
+    p = prob_feasible(np.array([[0.0], [1.0], [2.0]]), np.array([[0.1], [1.0], [0.1]]), [c])
+    assert p[0] > 0.99 and p[1] == pytest.approx(0.5) and p[2] < 0.01
+
+
+def test_parego_spreads_a_batch_and_never_picks_twice() -> None:
+    rng = np.random.default_rng(1)
+    mean = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.9, 0.9], [0.05, 0.95]])
+    std = np.zeros_like(mean)
+    picks = parego_batch(mean, std, np.arange(5), 3, rng)
+    assert len(set(picks.tolist())) == 3 and 3 not in picks  # the dominated one comes last
+    infeasible = parego_batch(mean, std, np.arange(5), 1, rng, feasible=np.array([0, 0, 1, 0, 0.0]))
+    assert infeasible.tolist() == [2]
+
+
+def test_bench_mo_on_adme_reports_every_key(tmp_path: Path) -> None:
+    report = tmp_path / "mo.json"
+    out = subprocess.run([sys.executable, "-m", "labloop.streams.cli", "bench", "mo", "--csv", str(ADME),
+                          "--smiles-col", "SMILES", "--objective", f"{HLM}:min", "--objective", f"{SOL}:max",
+                          "--constraint", f"{MDR1}<=0.5", "--seeds", "2", "--rounds", "2", "--report", str(report)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    res = json.loads(report.read_text())
+    assert {"hv_ratio", "top_layers_found_pct", "random", "reference", "per_round", "wall_s"} <= set(res)
+    assert set(res["hv_ratio"]) == {"mean", "sd"} and 0 < res["hv_ratio"]["mean"] <= 1
+    assert res["pool_size"] == 1537 and res["feasible"] < res["pool_size"]  # rows with all three columns
+    assert len(res["per_round"]) == 3 and res["per_round"][-1]["n_acquired"] > res["per_round"][0]["n_acquired"]
+    assert res["reference"] is None
+
+
+def test_bench_mo_names_a_bad_objective(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "labloop.streams.cli", "bench", "mo", "--csv", str(ADME),
+                          "--objective", "nope:sideways"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "COL:min or COL:max" in out.stderr
