@@ -51,8 +51,10 @@ def botorch_seed(pool: Any, cfg: Any, truth: Any, seed: int, targets: list[int])
     acquired = rng.choice(n, targets[0], replace=False)
     out = [{"n_acquired": float(acquired.size), **truth.measure(acquired)}]
     ref = torch.tensor(-truth.ref, dtype=torch.float64)  # the bench's reference, in maximization space
-    constraints = [(lambda Z, j=m + k, b=c.bound, up=c.upper: (Z[..., j] - b) if up else (b - Z[..., j]))
-                   for k, c in enumerate(cfg.constraints)]
+    def feasible_at_most_zero(j: int, bound: float, upper: bool) -> Any:  # BoTorch: feasible where <= 0
+        return lambda Z: (Z[..., j] - bound) if upper else (bound - Z[..., j])
+
+    constraints: list[Any] = [feasible_at_most_zero(m + k, c.bound, c.upper) for k, c in enumerate(cfg.constraints)]
     for t in targets[1:]:
         idx = torch.tensor(acquired, dtype=torch.long)
         models = [SingleTaskGP(X[idx], Yt[idx, j : j + 1], outcome_transform=Standardize(m=1)) for j in range(len(cols))]

@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MECHANISMS", "GateConfig", "ScramServer", "make_certificates", "scram_credentials", "write_users"]
+__all__ = ["MECHANISMS", "GateConfig", "ScramServer", "make_certificates", "make_client_certificate", "scram_credentials",
+           "write_users"]
 
 log = logging.getLogger("labloop.gate")
 
@@ -107,7 +108,7 @@ def make_certificates(directory: Path, days: int = 825) -> tuple[Path, Path, Pat
     from cryptography.x509.oid import NameOID
 
     ca_path, cert_path, key_path = directory / "ca.pem", directory / "server.pem", directory / "server.key"
-    if ca_path.exists() and cert_path.exists() and key_path.exists():
+    if ca_path.exists() and cert_path.exists() and key_path.exists() and (directory / "ca.key").exists():
         return ca_path, cert_path, key_path
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     now = datetime.datetime.now(datetime.UTC)
@@ -125,13 +126,48 @@ def make_certificates(directory: Path, days: int = 825) -> tuple[Path, Path, Pat
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
+    _write_key(key_path, key)
+    _write_key(directory / "ca.key", ca_key)  # kept (owner-only) to sign client certificates
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     return ca_path, cert_path, key_path
+
+
+def _write_key(path: Path, key: Any) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+
+
+def make_client_certificate(directory: Path, name: str, days: int = 825) -> tuple[Path, Path]:
+    """A client certificate for ``name``, signed by the CA of :func:`make_certificates` in
+    ``directory``, for a gate that requires mutual TLS (``GateConfig.cafile``).
+
+    Returns:
+        ``(NAME.pem, NAME.key)``; the key owner-only.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    _write_key(key_path, key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
 
 
 class ScramServer:

@@ -211,3 +211,64 @@ def test_kcat_reads_a_confluent_framed_topic_through_sasl_and_tls(gated, governe
     assert codec.decode(value).record == status
     bad = subprocess.run([*cmd[:-2], "-X", "sasl.password=wrong", "-m", "5"], capture_output=True, timeout=60)
     assert bad.returncode != 0 and not bad.stdout  # refused: nothing read
+
+
+def test_mutual_tls_admits_a_client_certificate_and_refuses_none(tmp_path: Path) -> None:
+    from labloop.streams.gate import make_client_certificate
+
+    ca, cert, key = make_certificates(tmp_path / "tls")
+    client_cert, client_key = make_client_certificate(tmp_path / "tls", "robot-3")
+    gate = GateConfig(0, 0, None, (), cert, key, cafile=ca)  # TLS only, client certificates required
+    with EmbeddedBroker(log_path=tmp_path / "broker.log", gate=gate) as b:
+        s = Settings(kafka_bootstrap=b.bootstrap, kafka_security_protocol="SSL", kafka_ssl_cafile=ca,
+                     kafka_ssl_certfile=client_cert, kafka_ssl_keyfile=client_key, kafka_ssl_key_password="k3y-pw")
+        conf = s.kafka_config()
+        assert conf["ssl.certificate.location"] == str(client_cert) and conf["ssl.key.password"] == "k3y-pw"
+        del conf["ssl.key.password"]  # the generated key is not encrypted
+        assert check_broker(conf) == b.cluster_id
+        anonymous = {k: v for k, v in conf.items() if not k.startswith(("ssl.certificate", "ssl.key"))}
+        with pytest.raises((BrokerAuthFailed, BrokerUnreachable)):
+            check_broker(anonymous, timeout_s=5)
+
+
+def test_oauthbearer_settings_and_the_client_credentials_token_provider() -> None:
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from labloop.streams.oauth import ClientCredentialsTokens, OAuthError
+
+    calls: list[str] = []
+
+    class Endpoint(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            calls.append(body)
+            ok = self.headers["Authorization"] == "Basic " + base64.b64encode(b"labloop-worker:s3cr3t").decode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps({"access_token": "tok-1", "expires_in": 3600}).encode() if ok else b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/token"
+    try:
+        s = Settings(kafka_bootstrap="kafka:9093", kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="OAUTHBEARER",
+                     kafka_oauth_token_url=url, kafka_oauth_client_id="labloop-worker",
+                     kafka_oauth_client_secret="s3cr3t", kafka_oauth_scope="kafka")
+        conf = s.kafka_config()  # librdkafka fetches its own tokens
+        assert conf["sasl.oauthbearer.method"] == "oidc" and conf["sasl.oauthbearer.token.endpoint.url"] == url
+        assert conf["sasl.oauthbearer.client.secret"] == "s3cr3t" and "s3cr3t" not in repr(s)
+        tokens = ClientCredentialsTokens.from_settings(s)  # aiokafka's (the worker's) provider
+        assert asyncio.run(tokens.token()) == "tok-1" and asyncio.run(tokens.token()) == "tok-1"
+        assert len(calls) == 1 and "grant_type=client_credentials" in calls[0] and "scope=kafka" in calls[0]
+        bad = ClientCredentialsTokens(url, "labloop-worker", "wrong")
+        with pytest.raises(OAuthError) as err:
+            asyncio.run(bad.token())
+        assert "401" in str(err.value) and "wrong" not in str(err.value)
+    finally:
+        srv.shutdown()
