@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,7 +84,8 @@ def _campaign(cid: str, pool: int, seed: int) -> dict[str, Any]:
 class _Monitor:
     """Follows model-updates (and optionally predictions) from a group that joined before the clock starts."""
 
-    def __init__(self, stack: Stack, codec: Codec, roles: tuple[str, ...] = ("model_updates",)) -> None:
+    def __init__(self, stack: Stack, codec: Codec, roles: tuple[str, ...] = ("model_updates",),
+                 background: bool = False) -> None:
         self.codec = codec
         self.c = make_consumer(stack.kafka_config, f"bench-{os.getpid()}-{time.monotonic_ns()}",
                                stack.settings.kafka_session_timeout_s, **{"auto.offset.reset": "latest"})
@@ -93,10 +95,23 @@ class _Monitor:
             self.c.poll(0.1)
         self.updates: list[tuple[float, dict[str, Any]]] = []
         self._predictions: list[tuple[float, bytes]] = []  # decoded afterwards: the monitor must not eat the cores
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if background:  # consume continuously, so arrival times do not wait for the caller's next poll
+            self._thread = threading.Thread(target=self._run, name="bench-monitor", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._take(self.c.consume(1000, 0.005))
 
     def poll(self, timeout: float = 0.2) -> None:
         """Take what arrived, for up to ``timeout`` s. Arrival times are stamped within 5 ms:
-        ``consume(n, t)`` returns only when ``n`` messages or ``t`` passed, so ``t`` stays small."""
+        ``consume(n, t)`` returns only when ``n`` messages or ``t`` passed, so ``t`` stays small.
+        With a background consumer this only waits."""
+        if self._thread is not None:
+            time.sleep(timeout)
+            return
         deadline = time.monotonic() + timeout
         while True:
             self._take(self.c.consume(1000, min(0.005, timeout)))
@@ -130,7 +145,7 @@ class _Monitor:
         deadline = time.monotonic() + timeout_s
         while len(reached) < len(targets) and time.monotonic() < deadline:
             self.poll()
-            for t, r in self.updates:
+            for t, r in list(self.updates):
                 cid = r["campaign_id"]
                 if cid in targets and cid not in reached and r["n_readings"] >= targets[cid]:
                     reached[cid] = t
@@ -141,6 +156,9 @@ class _Monitor:
         return max(reached.values())
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
         self.c.close()
 
 
@@ -364,7 +382,7 @@ def run_stream_bench(settings: Settings, cfg: StreamBenchConfig, console: Consol
         if "latency" in cfg.phases:  # 3. latency at a fixed offered load on one large campaign
             lat_cid = "bench-latency"
             _register(stack, codec, {lat_cid: smiles[: cfg.latency_pool]}, cfg.seed, console)
-            mon = _Monitor(stack, codec, ("model_updates", "predictions"))
+            mon = _Monitor(stack, codec, ("model_updates", "predictions"), background=True)
             n = int(cfg.latency_rate * cfg.latency_seconds)
             warm = int(cfg.latency_rate * cfg.latency_warmup_s)  # steady state: the first seconds are not measured
             comp = rng.integers(0, cfg.latency_pool, warm + n)
