@@ -235,6 +235,8 @@ class Stack:
     def start(self) -> Stack:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.settings.data_dir, 0o700)  # chDB's data, checkpoints and credentials: the owner's only
+        if self.settings.embedded_clickhouse:
+            self.settings.http_passwords()  # generated once here, before any child reads them
         if self.settings.embedded_kafka:
             (self.settings.data_dir / "logs").mkdir(parents=True, exist_ok=True)
             storage = self.settings.data_dir / "broker" if self.settings.broker_storage == "disk" else None

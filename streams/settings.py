@@ -129,20 +129,29 @@ class Settings(BaseSettings):
     def _stored_secret(self, name: str) -> str:
         """``name``'s generated secret in ``data_dir/credentials.json`` (owner-only), created the
         first time it is asked for; every process of the stack reads the same one."""
+        import fcntl
         import json
         import os
         import secrets
 
         path = self.data_dir / "credentials.json"
-        stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-        if name not in stored:
-            stored[name] = secrets.token_urlsafe(18)
-            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(stored, fh)
-            os.replace(tmp, path)
+        if path.exists() and name in (known := json.loads(path.read_text())):
+            return str(known[name])
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Several processes of one stack may ask first at once: one at a time, or one's secret is lost.
+        fd = os.open(self.data_dir / ".credentials.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+            if name not in stored:
+                stored[name] = secrets.token_urlsafe(18)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(out, "w") as fh:
+                    json.dump(stored, fh)
+                os.replace(tmp, path)
+        finally:
+            os.close(fd)
         return stored[name]
 
     def http_passwords(self) -> dict[str, str]:
