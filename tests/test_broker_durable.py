@@ -106,11 +106,17 @@ def test_compaction_keeps_every_record_at_its_offset(tmp_path: Path) -> None:
         for i in range(300):  # one batch, so one object, per record
             p.produce("t", key=b"k%d" % i, value=b"v%d" % i, headers=[("h", b"%d" % i)])
             p.flush(10)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(list(_records(b).glob("*.batch"))) > 20:
+        from labloop.streams.logstore import MIN_OBJECTS
+
+        # Merged down below MIN_OBJECTS, where compaction leaves a partition alone. How far below
+        # depends on timing: under load the producer spreads its 300 batches over several passes,
+        # and the young batches left by the last pass that merged stay as they are (46 and 55 in
+        # two full-suite runs on this machine; a few when the producer is fast).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(list(_records(b).glob("*.batch"))) >= MIN_OBJECTS:
             time.sleep(0.2)
         objects = len(list(_records(b).glob("*.batch")))
-        assert objects <= 20, objects  # 300 objects merged into a few
+        assert objects < MIN_OBJECTS, objects  # 300 objects merged
         for start in (0, 1, 137, 291, 299):  # from a merged batch's start, from inside one, from the unmerged head
             got = _read(b.bootstrap, start, 300 - start)
             assert got == [(i, b"v%d" % i) for i in range(start, 300)], (start, got[:3])
