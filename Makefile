@@ -10,18 +10,19 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Debian packages the tests use: kcat (a third-party Kafka client). Best effort: without apt (or
-# root) the test that needs it is skipped and says why.
-SYSTEM_PACKAGES := kcat
+# Debian packages the tests use, as package:command: kcat (a third-party Kafka client), and
+# chromium with its chromedriver (the dashboard's browser test). Best effort: without apt (or
+# root) the tests that need them are skipped and say why.
+SYSTEM_PACKAGES := kcat:kcat chromium:chromium chromium-driver:chromedriver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-packages:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for pc in $(SYSTEM_PACKAGES); do command -v $${pc#*:} >/dev/null || missing="$$missing $${pc%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null; then \
 	    ($(SUDO) apt-get install -y -q $$missing >/dev/null 2>&1 || \
 	     ($(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q $$missing >/dev/null 2>&1)) || \
 	    echo "could not install$$missing with apt-get: the tests that need them will be skipped"; \
-	  else echo "no apt-get: install$$missing for the interop tests"; fi; fi
+	  else echo "no apt-get: install$$missing for the interop and browser tests"; fi; fi
 
 # torch first, pinned: a bare `torch` requirement with no torch installed pulls the CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python

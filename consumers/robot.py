@@ -35,11 +35,22 @@ def _now_ms() -> int:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One instrument result for one request: ``value`` in the request assay's unit."""
+    """One instrument result for one request: ``value`` of ``assay_id`` (None: the request's
+    ``assay_id``) in that assay's unit."""
 
     request: Record
     value: float
     qualifier: str = "EQ"
+    assay_id: str | None = None
+
+    @property
+    def assay(self) -> str:
+        return self.assay_id or str(self.request["assay_id"])
+
+    def reading_id(self, robot_id: str) -> str:
+        """Stable per request, assay and robot: a result sent again is the same reading."""
+        r = self.request
+        return f"{r['request_id']}:{robot_id}" if self.assay == r["assay_id"] else f"{r['request_id']}:{self.assay}:{robot_id}"
 
 
 class RobotClient:
@@ -198,7 +209,7 @@ class RobotClient:
             if r["request_id"] in self.seen:
                 continue
             if (self.campaigns is not None and r["campaign_id"] not in self.campaigns) or \
-                    (self.assays is not None and r["assay_id"] not in self.assays):
+                    (self.assays is not None and not set(r.get("assays") or [r["assay_id"]]) <= self.assays):
                 self.skipped["not_served"] += 1
                 continue
             if r["expires_at"] <= _now_ms():
@@ -238,13 +249,13 @@ class RobotClient:
         wells = []
         for i, m in enumerate(results):
             r = m.request
-            if r["campaign_id"] != first["campaign_id"] or r["assay_id"] != first["assay_id"]:
+            if r["campaign_id"] != first["campaign_id"] or m.assay != results[0].assay:
                 raise ValueError("a plate holds one campaign and one assay")
-            wells.append({"reading_id": f"{r['request_id']}:{self.robot_id}", "compound_id": r["compound_id"],
+            wells.append({"reading_id": m.reading_id(self.robot_id), "compound_id": r["compound_id"],
                           "well": f"{'ABCDEFGHIJKLMNOP'[(i // 24) % 16]}{i % 24 + 1:02d}", "value": float(m.value),
                           "qualifier": m.qualifier, "request_id": r["request_id"]})
         t = _now_ms()
-        rec = {"plate_id": plate_id, "campaign_id": first["campaign_id"], "assay_id": first["assay_id"], "unit": unit,
+        rec = {"plate_id": plate_id, "campaign_id": first["campaign_id"], "assay_id": results[0].assay, "unit": unit,
                "instrument_id": instrument_id, "event_time": t, "ingest_time": t, "wells": wells}
         self._send(TOPICS["plates"].name, "PlateReadout", rec, [w["request_id"] for w in wells], durable=True)
         self.readings_published += len(wells)
@@ -253,8 +264,8 @@ class RobotClient:
     def publish_reading(self, m: Measurement, unit: str, instrument_id: str) -> None:
         """Publish one result as an ``AssayReading``."""
         r, t = m.request, _now_ms()
-        rec = {"reading_id": f"{r['request_id']}:{self.robot_id}", "campaign_id": r["campaign_id"],
-               "compound_id": r["compound_id"], "assay_id": r["assay_id"], "value": float(m.value), "unit": unit,
+        rec = {"reading_id": m.reading_id(self.robot_id), "campaign_id": r["campaign_id"],
+               "compound_id": r["compound_id"], "assay_id": m.assay, "value": float(m.value), "unit": unit,
                "qualifier": m.qualifier, "request_id": r["request_id"], "instrument_id": instrument_id,
                "event_time": t, "ingest_time": t}
         self._send(TOPICS["readings"].name, "AssayReading", rec, [r["request_id"]], durable=True)

@@ -19,7 +19,7 @@ import re
 __all__ = ["APPEND_ONLY", "ROLES", "check_operator_query", "roles_sql"]
 
 #: Raw measurements and the audit trail: rows are added, never changed or removed.
-APPEND_ONLY = ("readings", "requests", "request_status", "campaigns", "compounds", "dead_letters")
+APPEND_ONLY = ("readings", "requests", "request_status", "campaigns", "compounds", "dead_letters", "proposals", "decisions")
 ROLES = ("labloop_sink", "labloop_analyst", "labloop_operator")
 
 _STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")

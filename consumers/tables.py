@@ -7,6 +7,7 @@ by which the sink drops events re-sent at a new offset.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from labloop.consumers.errors import SinkError
 from labloop.schemas import TOPICS
 from labloop.schemas.types import Record
 
-__all__ = ["redact", "PROVENANCE", "ROWS_OF_TOPIC", "SCHEMAS_OF_TOPIC", "TABLES", "TABLE_OF_TOPIC", "Columns", "Table", "connect", "table_ddl",
+__all__ = ["redact", "sql_string", "PROVENANCE", "ROWS_OF_TOPIC", "SCHEMAS_OF_TOPIC", "TABLES", "TABLE_OF_TOPIC", "Columns", "Table", "connect", "table_ddl",
            "create_tables"]
 
 _QUAL = {"EQ": "=", "LT": "<", "GT": ">"}
@@ -55,6 +56,11 @@ def _same(r: Record) -> Columns:
     return 1, r
 
 
+def _campaign(r: Record) -> Columns:
+    """The further objectives as JSON text: ``[{"assay_id", "unit", "goal", "bound", "weight"}, ...]``."""
+    return 1, {**r, "objectives": json.dumps(r.get("objectives") or [])}
+
+
 def _reading(r: Record) -> Columns:
     return 1, {**r, "qualifier": _QUAL[r["qualifier"]], "plate_id": None, "well": None}
 
@@ -80,11 +86,18 @@ def _prediction(p: Record) -> Columns:
 
 TS = "DateTime64(3, 'UTC')"
 S, LS = "String", "LowCardinality(String)"
+_REQUEST_COLUMNS = [("request_id", S), ("campaign_id", S), ("compound_id", S), ("smiles", S), ("assay_id", LS),
+                    ("assays", "Array(String)"),
+                    ("priority", "Int32"), ("sequence", "Int64"), ("batch", "Int32"), ("policy", LS),
+                    ("acquisition_score", "Nullable(Float64)"), ("predicted_mean", "Nullable(Float64)"),
+                    ("predicted_std", "Nullable(Float64)"), ("model_version", "Int64"),
+                    ("trained_on", "Map(String, Int64)"), ("event_time", TS), ("expires_at", TS)]
 TABLES: dict[str, Table] = {t.name: t for t in (
     Table("campaigns", [("campaign_id", S), ("objective_assay_id", LS), ("direction", LS), ("unit", LS),
                         ("batch_size", "Int32"), ("init_size", "Int32"), ("budget", "Int32"), ("min_pool_size", "Int64"),
                         ("policy", LS), ("learner", LS), ("schedule", LS), ("request_ttl_s", "Float64"),
-                        ("seed", "Int64"), ("event_time", TS)], "(campaign_id, event_time)", _same, ("campaign_id", "event_time")),
+                        ("seed", "Int64"), ("objectives", S), ("approval", "Bool"), ("event_time", TS)],
+          "(campaign_id, event_time)", _campaign, ("campaign_id", "event_time")),
     Table("compounds", [("campaign_id", S), ("compound_id", S), ("smiles", S), ("source", LS), ("event_time", TS),
                         ("ingest_time", TS)], "(campaign_id, compound_id)", _same, ("campaign_id", "compound_id")),
     Table("readings", [("reading_id", S), ("campaign_id", S), ("compound_id", S), ("assay_id", LS),
@@ -96,12 +109,12 @@ TABLES: dict[str, Table] = {t.name: t for t in (
                           ("mean", "Float64"), ("std", "Float64"), ("event_time", TS)],
           "(campaign_id, model_version, compound_id)", _prediction,  # derived, and versions are never reused: no key
           ttl_s=TOPICS["predictions"].retention_ms // 1000),  # what the topic keeps: a whole pool per model version
-    Table("requests", [("request_id", S), ("campaign_id", S), ("compound_id", S), ("smiles", S), ("assay_id", LS),
-                       ("priority", "Int32"), ("sequence", "Int64"), ("batch", "Int32"), ("policy", LS),
-                       ("acquisition_score", "Nullable(Float64)"), ("predicted_mean", "Nullable(Float64)"),
-                       ("predicted_std", "Nullable(Float64)"), ("model_version", "Int64"),
-                       ("trained_on", "Map(String, Int64)"), ("event_time", TS),
-                       ("expires_at", TS)], "(campaign_id, sequence)", _same, ("request_id",)),
+    Table("requests", _REQUEST_COLUMNS, "(campaign_id, sequence)", _same, ("request_id",)),
+    # What approval-gated campaigns proposed; `requests` holds those approved.
+    Table("proposals", _REQUEST_COLUMNS, "(campaign_id, sequence)", _same, ("request_id",)),
+    Table("decisions", [("decision_id", S), ("campaign_id", S), ("request_id", S), ("action", LS),
+                        ("priority", "Nullable(Int32)"), ("reason", "Nullable(String)"), ("decided_by", S),
+                        ("event_time", TS)], "(campaign_id, request_id, event_time)", _same, ("decision_id",)),
     Table("request_status", [("request_id", S), ("campaign_id", S), ("compound_id", S), ("status", LS),
                              ("robot_id", LS), ("reason", "Nullable(String)"), ("event_time", TS)],
           "(campaign_id, request_id, event_time)", _same, ("request_id", "status")),
@@ -161,6 +174,15 @@ VIEWS: dict[str, str] = {
         "FROM (SELECT *, (model_version, done, event_time) AS k FROM model_updates) GROUP BY campaign_id) AS m "
         "ON c.campaign_id = m.campaign_id"),
 }
+
+
+def sql_string(s: str) -> str:
+    """``s`` as a ClickHouse string literal.
+
+    >>> sql_string("it's")
+    "'it\\\\'s'"
+    """
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def redact(url: str) -> str:

@@ -1,7 +1,9 @@
 """A virtual lab: a robot and an instrument that answer requests from an oracle.
 
 The oracle maps a compound (by id or SMILES) to a value; a compound missing from
-it, or a random failure, is reported as a ``FAILED`` experiment.
+it, or a random failure, is reported as a ``FAILED`` experiment. A multi-column oracle
+(one :class:`Oracle` per assay) answers requests that name several assays, each assay after
+its own latency: a fast assay's readings go out before a slow one's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import math
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -38,6 +41,11 @@ class Oracle:
 
     def __init__(self, values: dict[str, float]) -> None:
         self.values = values
+
+    @classmethod
+    def columns_from_csv(cls, path: Path, smiles_col: str, columns: Mapping[str, str]) -> dict[str, Oracle]:
+        """One oracle per assay from one CSV: ``columns`` maps an assay id to its column."""
+        return {assay: cls.from_csv(path, smiles_col, col) for assay, col in columns.items()}
 
     @classmethod
     def from_csv(cls, path: Path, smiles_col: str = "smiles", value_col: str = "score") -> Oracle:
@@ -67,6 +75,8 @@ class LabConfig:
         failure_rate: probability an experiment fails at random.
         plate_size: results per ``PlateReadout``; 0 publishes single ``AssayReading`` events.
         unit, instrument_id: stamped on readings.
+        units: an assay's unit where it is not ``unit``.
+        assay_latency_s: seconds an assay takes after ``latency_s`` (default 0).
     """
 
     latency_s: float = 0.0
@@ -76,13 +86,17 @@ class LabConfig:
     unit: str = "kcal/mol"
     instrument_id: str = "virtual-reader-1"
     seed: int = 0
+    units: Mapping[str, str] = field(default_factory=dict)
+    assay_latency_s: Mapping[str, float] = field(default_factory=dict)
 
 
 class VirtualLab:
-    """Run a :class:`RobotClient` against an :class:`Oracle` until stopped."""
+    """Run a :class:`RobotClient` against an :class:`Oracle` (or one per assay) until stopped."""
 
-    def __init__(self, robot: RobotClient, oracle: Oracle, config: LabConfig = LabConfig()) -> None:
-        self.robot, self.oracle, self.config = robot, oracle, config
+    def __init__(self, robot: RobotClient, oracle: Oracle | Mapping[str, Oracle], config: LabConfig = LabConfig()) -> None:
+        self.robot, self.config = robot, config
+        self.oracles: Mapping[str, Oracle] | None = oracle if isinstance(oracle, Mapping) else None
+        self.oracle: Oracle | None = None if isinstance(oracle, Mapping) else oracle
         self.rng = np.random.default_rng(config.seed)
         self.failed = 0
         self.errors: list[BaseException] = []
@@ -101,29 +115,49 @@ class VirtualLab:
             self.robot.report(r, "ACCEPTED")
         for r in requests:
             self.robot.report(r, "STARTED")
-        if self.config.latency_s:
-            time.sleep(self.config.latency_s)
+        t0 = time.monotonic()
+        cfg = self.config
         groups: dict[tuple[str, str], list[Measurement]] = defaultdict(list)
+        done: list[Record] = []
         for r in requests:
-            value = self.oracle(r["smiles"])
-            if math.isnan(value) or self.rng.random() < self.config.failure_rate:
+            # Every assay the request names is measured, or the whole experiment fails (known
+            # before any result goes out: an assay the oracle has no value for fails it).
+            values = {a: self._value(a, r["smiles"]) for a in (r.get("assays") or [r["assay_id"]])}
+            if any(math.isnan(v) for v in values.values()) or self.rng.random() < cfg.failure_rate:
                 self.failed += 1
                 self.robot.report(r, "FAILED", "no result from the instrument")
                 continue
-            if self.config.noise_sd:
-                value += float(self.rng.normal(0.0, self.config.noise_sd))
-            groups[(r["campaign_id"], r["assay_id"])].append(Measurement(r, value))
-        for results in groups.values():
-            if self.config.plate_size:
-                for s in range(0, len(results), self.config.plate_size):
-                    self.robot.publish_plate(results[s : s + self.config.plate_size], self.config.unit,
-                                             self.config.instrument_id)
+            for a, value in values.items():
+                if cfg.noise_sd:
+                    value += float(self.rng.normal(0.0, cfg.noise_sd))
+                groups[(r["campaign_id"], a)].append(Measurement(r, value, assay_id=a))
+            done.append(r)
+        # Each assay's results after its latency, the fastest first.
+        for (_, assay), results in sorted(groups.items(), key=lambda g: cfg.assay_latency_s.get(g[0][1], 0.0)):
+            wait = t0 + cfg.latency_s + cfg.assay_latency_s.get(assay, 0.0) - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            unit = cfg.units.get(assay, cfg.unit)
+            if cfg.plate_size:
+                for s in range(0, len(results), cfg.plate_size):
+                    self.robot.publish_plate(results[s : s + cfg.plate_size], unit, cfg.instrument_id)
             else:
                 for m in results:
-                    self.robot.publish_reading(m, self.config.unit, self.config.instrument_id)
-            for m in results:
-                self.robot.report(m.request, "COMPLETED")
+                    self.robot.publish_reading(m, unit, cfg.instrument_id)
+            # No flush here: the producer sends in the background, and a flush would block while
+            # the broker is away, before the statuses below are journaled.
+        if not groups and cfg.latency_s:
+            time.sleep(max(0.0, t0 + cfg.latency_s - time.monotonic()))
+        for r in done:
+            self.robot.report(r, "COMPLETED")
         self.robot.flush()
+
+    def _value(self, assay: str, smiles: str) -> float:
+        if self.oracles is not None:
+            o = self.oracles.get(assay)
+            return o(smiles) if o is not None else math.nan
+        assert self.oracle is not None
+        return self.oracle(smiles)
 
     def run(self) -> None:
         """Serve requests until :meth:`stop`: first the ones a previous run of this robot took on

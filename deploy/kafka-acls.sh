@@ -5,7 +5,8 @@
 #   robots read requests, and write status and readings (and plates);
 #   the worker reads its inputs and writes its outputs;
 #   the sink reads everything;
-#   nothing but the operator writes labloop.campaigns.
+#   nothing but the operator writes labloop.campaigns and labloop.decisions (people's approvals,
+#   through `labloop approve` and the dashboard); robots never read labloop.proposals.
 # Usage: BOOTSTRAP=broker:9093 ADMIN_CONFIG=admin.properties deploy/kafka-acls.sh
 # Principals default to User:<role>; override with INSTRUMENT=User:lims-01 and so on.
 # The embedded broker authenticates but does not authorize: these rules are for a real cluster.
@@ -46,16 +47,17 @@ acl "$ROBOT" Write "$T.plates"
 group "$ROBOT" labloop-robots
 
 # The worker: its inputs and outputs.
-for t in campaigns compounds readings plates request-status; do
+for t in campaigns compounds readings plates request-status decisions; do
   acl "$WORKER" Read "$T.$t"
 done
-for t in requests request-status predictions model-updates dead-letters; do
+for t in proposals requests request-status predictions model-updates dead-letters; do
   acl "$WORKER" Write "$T.$t"
 done
 group "$WORKER" labloop-worker
 
 # The sink: everything, read-only.
-for t in campaigns compounds readings plates predictions requests request-status model-updates dead-letters; do
+for t in campaigns compounds readings plates predictions proposals decisions requests request-status model-updates \
+    dead-letters; do
   acl "$SINK" Read "$T.$t"
 done
 group "$SINK" labloop-sink
@@ -63,5 +65,6 @@ group "$SINK" labloop-sink
 # The operator: campaign definitions (no one else writes them), requeues, and the topics themselves.
 acl "$OPERATOR" Write "$T.campaigns"
 acl "$OPERATOR" Write "$T.request-status"
+acl "$OPERATOR" Write "$T.decisions"
 "$KAFKA_ACLS" --bootstrap-server "$BOOTSTRAP" --command-config "$ADMIN_CONFIG" --add \
   --allow-principal "$OPERATOR" --operation Create --operation Describe --operation DescribeConfigs --cluster

@@ -135,7 +135,8 @@ def prob_feasible(means: np.ndarray, stds: np.ndarray, constraints: Sequence[Con
 
 def parego_batch(mean: np.ndarray, std: np.ndarray, candidates: np.ndarray, k: int, rng: np.random.Generator,
                  feasible: np.ndarray | None = None, beta: float = 1.0, rho: float = 0.05,
-                 features: np.ndarray | None = None, diversity: float = 0.0) -> np.ndarray:
+                 features: np.ndarray | None = None, diversity: float = 0.0, weights: np.ndarray | None = None,
+                 scores: list[float] | None = None) -> np.ndarray:
     """Pick ``k`` of ``candidates`` (pool indices) by ParEGO.
 
     Args:
@@ -147,6 +148,9 @@ def parego_batch(mean: np.ndarray, std: np.ndarray, candidates: np.ndarray, k: i
         features: ``N x d`` fingerprints (counts or bits) for the diversity term.
         diversity: in [0, 1]: a candidate's score is multiplied by ``1 - diversity * T`` for its
             Tanimoto similarity ``T`` to each earlier pick of the batch (0 = no diversity term).
+        weights: length-``m`` relative importance of the objectives: each pick's weights are drawn
+            from a Dirichlet with these concentrations (None = all 1, uniform on the simplex).
+        scores: when given, each pick's score (in ``[0, 1 + rho]``) is appended to it.
     Returns:
         up to ``k`` pool indices, in pick order.
     """
@@ -160,14 +164,17 @@ def parego_batch(mean: np.ndarray, std: np.ndarray, candidates: np.ndarray, k: i
     taken = np.zeros(candidates.size, dtype=bool)
     penalty = np.ones(candidates.size)
     picks: list[int] = []
+    alpha = np.ones(m) if weights is None else np.asarray(weights, dtype=np.float64)
     for _ in range(min(k, candidates.size)):
-        w = rng.dirichlet(np.ones(m))
+        w = rng.dirichlet(alpha)
         cheb = (norm * w).max(axis=1) + rho * (norm * w).sum(axis=1)
         score = (1.0 + rho - cheb) * pof * penalty  # higher is better; in [0, 1 + rho]
         score[taken] = -np.inf
         j = int(np.argmax(score))
         taken[j] = True
         picks.append(int(candidates[j]))
+        if scores is not None:
+            scores.append(float(score[j]))
         if diversity > 0 and features is not None:
             F, f = features[candidates], features[candidates[j]]
             inter, union = np.minimum(F, f).sum(axis=1), np.maximum(F, f).sum(axis=1)

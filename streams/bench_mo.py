@@ -66,6 +66,7 @@ class MOPool:
 
 def load_mo_csv(path: Path, smiles_col: str, columns: Sequence[str]) -> MOPool:
     """Rows with every one of ``columns`` numeric and a SMILES RDKit parses; the rest are counted.
+    ``smiles_col`` matches a column of another case when exactly one does (``SMILES``).
 
     Raises:
         BenchInputError: a column missing from the file, or no usable row.
@@ -76,7 +77,11 @@ def load_mo_csv(path: Path, smiles_col: str, columns: Sequence[str]) -> MOPool:
     skipped: list[tuple[int, str]] = []
     with open_text(path) as fh:
         reader = csv.DictReader(fh)
-        missing = [c for c in (smiles_col, *columns) if c not in (reader.fieldnames or [])]
+        names = reader.fieldnames or []
+        if smiles_col not in names:  # "SMILES" for "smiles": the one column named so whatever its case
+            same = [c for c in names if c.lower() == smiles_col.lower()]
+            smiles_col = same[0] if len(same) == 1 else smiles_col
+        missing = [c for c in (smiles_col, *columns) if c not in names]
         if missing:
             raise BenchInputError(f"{path}: no column(s) {missing}; columns are {reader.fieldnames}")
         for row in reader:

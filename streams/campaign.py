@@ -15,7 +15,9 @@ import numpy as np
 
 from labloop.models import PoolState
 from labloop.models.learners import pack_rows, unpack_rows
-from labloop.models.loop import FAILED, MEASURED, PENDING
+from labloop.models.loop import AVAILABLE, FAILED, MEASURED, PENDING, Proposal
+from labloop.models.multi import SideModel
+from labloop.models.pareto import Constraint, parego_batch, prob_feasible, to_min
 from labloop.models.quality import LiveScore
 from labloop.models.state import pack_strings, unpack_strings
 from labloop.schemas import Codec, InvalidEvent
@@ -106,21 +108,29 @@ class PredictionWriter:
 @dataclass(frozen=True)
 class Update:
     """A model update in flight: the new observations (oriented values and pool positions), the
-    pool snapshot, readings applied so far."""
+    pool snapshot, readings applied so far; for a multi-objective campaign also each further
+    assay's new ``(values, positions)`` and, once fitted, its ``(mean, std)`` over the pool."""
 
     y_new: np.ndarray
     keys: np.ndarray
     X_pool: np.ndarray
     n_readings: int
     offsets: dict[str, int]
+    side: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    side_pred: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # filled by the fit
 
 
 @dataclass
 class _Request:
     index: int
     sequence: int
-    expires_at: int
-    status: str = "REQUESTED"
+    expires_at: int  # 0 while PROPOSED: a proposal waits for its decision, however long
+    status: str = "REQUESTED"  # PROPOSED and REJECTED only in approval-gated campaigns
+    priority: int = 0
+
+
+# The decisions a person can take on a proposed request (Decision.action).
+APPROVE, REJECT, PRIORITIZE = "APPROVE", "REJECT", "PRIORITIZE"
 
 
 # Timestamps an input may carry (ms since the epoch): from the epoch (tests and imports of old
@@ -185,6 +195,9 @@ class CampaignRuntime:
     model_offsets: dict[int, dict[str, int]] = field(default_factory=dict)
     done_announced: bool = False
     live: LiveScore = field(default_factory=LiveScore)  # prospective accuracy of the objective's model
+    # request id -> its ExperimentRequest, of requests PROPOSED and awaiting a decision
+    proposals: dict[str, Record] = field(default_factory=dict)
+    side: dict[str, SideModel] = field(default_factory=dict)  # the further objectives' and constraints' models
     _staged: list[np.ndarray] = field(default_factory=list)
     # Checkpoints store seen_readings incrementally: ids applied since the last snapshot, and the
     # packed chunks of those before (a snapshot then costs the new ids, not all of them).
@@ -218,7 +231,10 @@ class CampaignRuntime:
                          "index": np.array([r.index for _, r in reqs], dtype=np.int64),
                          "sequence": np.array([r.sequence for _, r in reqs], dtype=np.int64),
                          "expires_at": np.array([r.expires_at for _, r in reqs], dtype=np.int64),
-                         "status": pack_strings([r.status for _, r in reqs])},
+                         "status": pack_strings([r.status for _, r in reqs]),
+                         "priority": np.array([r.priority for _, r in reqs], dtype=np.int64)},
+            "proposals": {k: dict(v) for k, v in self.proposals.items()},
+            "side": {a: m.state_dict() for a, m in self.side.items()},
             "seen": list(self._seen_chunks), "n_requested": self.n_requested, "n_issued": self.n_issued,
             "n_batches": self.n_batches, "n_readings": self.n_readings, "applied_offsets": dict(self.applied_offsets),
             "model_offsets": {str(v): dict(o) for v, o in self.model_offsets.items()},
@@ -242,9 +258,13 @@ class CampaignRuntime:
         rt.compound_ids, rt.smiles = unpack_strings(state["compound_ids"]), unpack_strings(state["smiles"])
         rt.index = {c: i for i, c in enumerate(rt.compound_ids)}
         q = state["requests"]
-        rt.requests = {rid: _Request(int(i), int(seq), int(exp), st) for rid, i, seq, exp, st in zip(
+        prio = q["priority"].tolist() if "priority" in q else [0] * len(q["index"])  # absent before approval existed
+        rt.requests = {rid: _Request(int(i), int(seq), int(exp), st, int(p)) for rid, i, seq, exp, st, p in zip(
             unpack_strings(q["ids"]), q["index"].tolist(), q["sequence"].tolist(), q["expires_at"].tolist(),
-            unpack_strings(q["status"]), strict=True)}
+            unpack_strings(q["status"]), prio, strict=True)}
+        rt.proposals = {str(k): dict(v) for k, v in (state.get("proposals") or {}).items()}
+        if rt.pool is not None:
+            rt.side = {str(a): SideModel.from_state(st, rt.pool.X, device) for a, st in (state.get("side") or {}).items()}
         rt._seen_chunks = list(state["seen"])
         rt.seen_readings = {rid for chunk in rt._seen_chunks for rid in unpack_strings(chunk)}
         rt._seen_packed = len(rt.seen_readings)
@@ -272,6 +292,8 @@ class CampaignRuntime:
         X = np.concatenate(self._staged) if self._staged else np.zeros((0, 0), dtype=np.float32)
         self.pool = PoolState(X, maximize=spec.maximize, learner=spec.learner, policy=spec.policy, seed=spec.seed,
                               device=self.device)
+        # Further assays' learners live in this process (the first objective's in the model process).
+        self.side = {o.assay_id: SideModel(spec.learner, self.pool.size, self.device) for o in spec.objectives}
         self._staged = []
         self.definition = spec
 
@@ -295,6 +317,8 @@ class CampaignRuntime:
         Xn = X[rows]
         if self.pool is not None:
             self.pool.add(Xn, packed if len(rows) == X.shape[0] else None)
+            for m in self.side.values():
+                m.grow(self.pool.size)
         else:
             self._staged.append(Xn)
         return len(rows)
@@ -311,9 +335,11 @@ class CampaignRuntime:
             return [unknown_campaign(self.campaign_id, readings)]
         d = self.definition
         objective = assay_id == d.objective_assay_id
-        if objective and unit != d.unit:
-            return [InvalidEvent(f"reading {r['reading_id']}: unit {unit!r}, campaign expects {d.unit!r}", k)
-                    for k, r in enumerate(readings)]
+        side = self.side.get(assay_id)
+        expected = d.unit_of(assay_id)
+        if expected is not None and unit != expected:
+            return [InvalidEvent(f"reading {r['reading_id']}: unit {unit!r}, campaign expects {expected!r} for "
+                                 f"assay {assay_id!r}", k) for k, r in enumerate(readings)]
         low, high = d.range_of(assay_id)
         index, seen, requests, new_ids = self.index, self.seen_readings, self.requests, self._seen_new
         errors: list[InvalidEvent] = []
@@ -344,10 +370,12 @@ class CampaignRuntime:
             seen.add(rid)
             new_ids.append(rid)
             self.n_readings += 1
-            if objective:
+            if objective or side is not None:
                 idx.append(ci)
                 vals.append(v)
-        if idx:
+        if idx and side is not None:
+            side.observe(np.array(idx), np.array(vals, dtype=np.float64))
+        elif idx:
             at, y = np.array(idx), np.array(vals, dtype=np.float64)
             pred = self.pool.current_prediction()
             if pred is not None:  # scored by the model in force, before it learns them
@@ -355,13 +383,26 @@ class CampaignRuntime:
             self.pool.observe(at, y)
         return errors
 
-    def restore_request(self, r: Record) -> bool:
-        """Re-adopt an ExperimentRequest published before a restart: pending again, its id and
-        sequence never reused. Returns False when it is unknown here or already known."""
-        if self.pool is None or r["compound_id"] not in self.index or r["request_id"] in self.requests:
+    def restore_request(self, r: Record, proposed: bool = False) -> bool:
+        """Re-adopt an ExperimentRequest published before a restart (``proposed``: on the proposals
+        topic): pending again, its id and sequence never reused. A request known as proposed and
+        found on the requests topic was approved. Returns False when it is unknown here or already
+        known."""
+        if self.pool is None or r["compound_id"] not in self.index:
+            return False
+        known = self.requests.get(r["request_id"])
+        if known is not None:
+            if not proposed and known.status in ("PROPOSED", "REQUESTED"):  # approved: published to the robots
+                if known.status == "PROPOSED":
+                    known.status = "REQUESTED"
+                    self.proposals.pop(r["request_id"], None)
+                known.expires_at = int(r["expires_at"])
             return False
         i = self.index[r["compound_id"]]
-        self.requests[r["request_id"]] = _Request(i, int(r["sequence"]), int(r["expires_at"]))
+        self.requests[r["request_id"]] = _Request(i, int(r["sequence"]), 0 if proposed else int(r["expires_at"]),
+                                                  "PROPOSED" if proposed else "REQUESTED", int(r["priority"]))
+        if proposed:
+            self.proposals[r["request_id"]] = dict(r)
         self.pool.mark_pending(np.array([i]))
         self.n_issued = max(self.n_issued, int(r["sequence"]) + 1)
         self.n_batches = max(self.n_batches, int(r["batch"]) + 1)
@@ -380,6 +421,9 @@ class CampaignRuntime:
         req = self.requests.get(r["request_id"])
         if req is None:
             raise InvalidEvent(f"status {r['status']} for unknown request {r['request_id']!r}")
+        if req.status in ("PROPOSED", "REJECTED"):
+            raise InvalidEvent(f"status {r['status']} for request {r['request_id']!r}, which is {req.status.lower()} "
+                               f"and was never sent to a robot")
         if req.status in ("COMPLETED", "FAILED", "EXPIRED"):
             return
         req.status = r["status"]
@@ -428,9 +472,14 @@ class CampaignRuntime:
         if self.pool is None:
             return None
         work = self.pool.take_new()
-        if work is None:
+        if work is None and self.pool.learner.n_seen == 0:
+            return None  # further assays learn once the first objective has a model: it scores the pool
+        side = {a: w for a, m in self.side.items() if (w := m.take_new()) is not None}
+        if work is None and not side:
             return None
-        return Update(work[0], work[1], work[2], self.n_readings, dict(self.applied_offsets))
+        if work is None:  # only further assays learned something
+            work = (np.zeros(0), np.zeros(0, dtype=np.int64), self.pool.X)
+        return Update(work[0], work[1], work[2], self.n_readings, dict(self.applied_offsets), side)
 
     def commit_update(self, update: Update, pred: tuple[np.ndarray, np.ndarray], train_s: float,
                       device: str) -> list[Emit]:
@@ -438,6 +487,8 @@ class CampaignRuntime:
         the caller publishes its Predictions, encoded by :class:`PredictionWriter`)."""
         assert self.pool is not None
         self.pool.commit(pred)
+        for a, p in update.side_pred.items():
+            self.side[a].pred = p if p[0].shape[0] == self.pool.size else None
         self.model_offsets[self.pool.model_version] = update.offsets
         return self.model_events(train_s, int(update.keys.shape[0]), device, n_readings=update.n_readings)
 
@@ -454,7 +505,8 @@ class CampaignRuntime:
         k = self.wanted()
         if k > 0:
             return self.propose(k)
-        if not self.done_announced and self.definition.budget <= self.n_requested and self.pending == 0:
+        if not self.done_announced and self.definition.budget <= self.n_requested and self.pending == 0 \
+                and self.sides_complete():  # a slow assay's results still to come: the final report waits
             return self.model_events(0.0, 0, device, n_readings=self.n_readings)
         return []
 
@@ -473,7 +525,8 @@ class CampaignRuntime:
             best = float(measured.max() if self.definition.maximize else measured.min())
         # Done once the budget is spent, nothing is in flight, and the model has learned every reading: a
         # fit that started before the last readings arrived is not the final model.
-        done = self.n_requested >= self.definition.budget and pool.count(PENDING) == 0 and pool.unlearned == 0
+        done = self.n_requested >= self.definition.budget and pool.count(PENDING) == 0 and pool.unlearned == 0 \
+            and self.sides_complete()
         out = [Emit("model_updates", "ModelUpdate", {
             "campaign_id": self.campaign_id, "model_version": pool.model_version, "learner": self.definition.learner,
             "device": device, "n_train": pool.learner.n_seen, "n_new": n_new, "n_measured": int(measured.size),
@@ -485,28 +538,114 @@ class CampaignRuntime:
             self.done_announced = True
         return out
 
+    def sides_complete(self) -> bool:
+        """Whether every further assay has a learned reading of every compound the first objective
+        measured (a slow assay's results are still to come while it has not)."""
+        if not self.side or self.pool is None:
+            return True
+        measured = self.pool.status == MEASURED
+        return all(m.unlearned == 0 and bool(np.isfinite(m.values[measured]).all()) for m in self.side.values())
+
+    def _propose_multi(self, k: int) -> Proposal:
+        """ParEGO over every objective's model, weighted by the probability of meeting the
+        constraints (the default of ``labloop bench mo``); an assay with no reading yet plays no part."""
+        assert self.pool is not None and self.definition is not None
+        d, pool = self.definition, self.pool
+        mean0, std0 = pool.predict_pool()
+        n = pool.size
+        means, stds, maxs, weights = [mean0], [std0], [d.maximize], [1.0]
+        cm, cs, cons = [], [], []
+        for o in d.objectives:
+            p = self.side[o.assay_id].prediction(pool.X)
+            if o.is_constraint:
+                if p is not None:
+                    assert o.bound is not None
+                    cm.append(p[0])
+                    cs.append(p[1])
+                    cons.append(Constraint(o.assay_id, o.bound, o.goal == "AT_MOST"))
+                continue
+            m, s = p if p is not None else (np.zeros(n), np.ones(n))
+            means.append(m)
+            stds.append(s)
+            maxs.append(o.goal == "MAXIMIZE")
+            weights.append(o.weight)
+        feas = prob_feasible(np.column_stack(cm), np.column_stack(cs), cons) if cons else None
+        cand = np.flatnonzero(pool.status == AVAILABLE)
+        scores: list[float] = []
+        rng = np.random.default_rng([d.seed, self.n_batches])  # reproducible per batch, also after a restore
+        idx = parego_batch(to_min(np.column_stack(means), maxs), np.column_stack(stds), cand, k, rng, feas,
+                           weights=np.asarray(weights), scores=scores)
+        pool.mark_pending(idx)
+        return Proposal(idx, mean0[idx], std0[idx], np.asarray(scores), pool.model_version)
+
     def propose(self, k: int) -> list[Emit]:
         """Choose ``k`` compounds and build their ExperimentRequests."""
         assert self.pool is not None and self.definition is not None
         d, t = self.definition, now_ms()
-        prop = self.pool.propose(k)
+        prop = self._propose_multi(k) if self.side and self.pool.learner.n_seen > 0 else self.pool.propose(k)
+        policy = ("parego" if self.side else d.policy) if prop.model_version else "random"
         out = []
         for prio, i in enumerate(prop.index.tolist()):
             seq = self.n_issued
             rid = f"{self.campaign_id}-r{seq:07d}"
             expires = t + int(d.request_ttl_s * 1000)
-            self.requests[rid] = _Request(i, seq, expires)
+            self.requests[rid] = _Request(i, seq, 0, "PROPOSED", prio) if d.approval else _Request(i, seq, expires)
             self.n_requested += 1
             self.n_issued += 1
-
-            out.append(Emit("requests", "ExperimentRequest", {
+            out.append(Emit("proposals" if d.approval else "requests", "ExperimentRequest", {
                 "request_id": rid, "campaign_id": self.campaign_id, "compound_id": self.compound_ids[i],
-                "smiles": self.smiles[i], "assay_id": d.objective_assay_id, "priority": prio, "sequence": seq,
-                "batch": self.n_batches, "policy": d.policy if prop.model_version else "random",
+                "smiles": self.smiles[i], "assay_id": d.objective_assay_id, "assays": d.assays if d.objectives else [],
+                "priority": prio, "sequence": seq, "batch": self.n_batches, "policy": policy,
                 "acquisition_score": _opt(prop.score[prio]), "predicted_mean": _opt(prop.mean[prio]),
                 "predicted_std": _opt(prop.std[prio]),
                 "model_version": prop.model_version, "trained_on": self.model_offsets.get(prop.model_version, {}),
                 "event_time": t, "expires_at": expires}))
+            if d.approval:
+                self.proposals[rid] = out[-1].record
         if out:
             self.n_batches += 1
         return out
+
+    def decide_on(self, r: Record, now: int) -> list[Emit]:
+        """Apply a person's ``Decision`` on a proposed request (``now``: ms since the epoch).
+
+        APPROVE sends it to the robots (its TTL starts now); REJECT retires the compound from
+        this campaign for good and gives the request's place in the budget back; PRIORITIZE
+        sets its priority. The same decision applied twice (at-least-once delivery) changes
+        nothing the second time.
+
+        Raises:
+            InvalidEvent: an unknown request, a reject without a reason, a negative priority, or
+                a decision contradicting one already taken (rejecting an approved request).
+        """
+        rid, action = r["request_id"], r["action"]
+        req = self.requests.get(rid)
+        if req is None:
+            raise InvalidEvent(f"decision {r['decision_id']!r}: request {rid!r} is not one of campaign "
+                               f"{self.campaign_id!r}'s")
+        if r["priority"] is not None and not 0 <= r["priority"] <= 1_000_000:
+            raise InvalidEvent(f"decision {r['decision_id']!r}: priority {r['priority']} is outside [0, 1000000]")
+        if action == REJECT and not (r["reason"] or "").strip():
+            raise InvalidEvent(f"decision {r['decision_id']!r}: a rejection needs a reason")
+        if req.status != "PROPOSED":
+            taken = "REJECT" if req.status == "REJECTED" else "APPROVE"
+            if action == taken or action == PRIORITIZE and taken == "APPROVE" and r["priority"] is None:
+                return []  # already applied
+            raise InvalidEvent(f"decision {r['decision_id']!r}: {action} request {rid!r}, which is already "
+                               f"{req.status.lower()}")
+        if r["priority"] is not None:
+            req.priority = int(r["priority"])
+            self.proposals[rid] = {**self.proposals[rid], "priority": req.priority}
+        if action == PRIORITIZE:
+            return []
+        proposal = self.proposals.pop(rid)
+        assert self.pool is not None and self.definition is not None
+        if action == REJECT:
+            req.status = "REJECTED"
+            self.pool.fail(np.array([req.index]))  # never proposed again in this campaign
+            self.n_requested -= 1  # its place in the budget goes to another compound
+            return []
+        req.status = "REQUESTED"
+        req.expires_at = now + int(self.definition.request_ttl_s * 1000)
+        return [Emit("requests", "ExperimentRequest", {**proposal, "priority": req.priority, "event_time": now,
+                                                       "expires_at": req.expires_at})]

@@ -77,6 +77,8 @@ def _banner(info: dict[str, object]) -> Table:
                                                              if info["embedded_kafka"] else ""))
     t.add_row("ClickHouse", str(info["clickhouse"]))
     t.add_row("ClickHouse HTTP", str(info["clickhouse_http"]))
+    if info.get("dashboard"):
+        t.add_row("dashboard", str(info["dashboard"]))
     t.add_row("worker(s)", str(info["workers"]))
     for name, port in dict(info.get("health", {})).items():  # type: ignore[call-overload]
         t.add_row(f"{name} health", f"http://127.0.0.1:{port}/metrics  (/healthz, /readyz)")
@@ -102,13 +104,13 @@ def up(workers: Annotated[int, typer.Option(help="Faust worker processes")] = 1,
     if detach:
         _detach(s, lock, workers)
         return
-    with lock, Stack(s, workers=workers) as stack:
+    with lock, Stack(s, workers=workers, with_dashboard=True) as stack:
         info: dict[str, object] = {
             "bootstrap": stack.bootstrap, "embedded_kafka": stack.broker is not None,
             "broker_log": "disk" if stack.broker is not None and stack.broker.durable else "memory",
             "clickhouse": redact(s.clickhouse_target), "clickhouse_http": redact(stack.clickhouse_url),
             "workers": workers, "logs": str((s.data_dir / "logs").resolve()), "started_at": time.time(),
-            "health": stack.health_ports}
+            "health": stack.health_ports, "dashboard": stack.dashboard_url}
         lock.publish(info)
         console.print(_banner({**info, "pid": os.getpid()}))
         stop = False
@@ -364,13 +366,21 @@ def campaign(
     ranges: Annotated[list[str] | None, typer.Option(
         "--range", help="ASSAY:LOW:HIGH, the plausible values of an assay's readings (repeatable); "
                         "others are dead-lettered")] = None,
+    objectives: Annotated[list[str] | None, typer.Option(
+        "--objective", help="a further objective ASSAY:UNIT:min|max[:WEIGHT], or a constraint ASSAY:UNIT<=BOUND "
+                            "(or >=) (repeatable); requests then name every assay")] = None,
+    approval: Annotated[bool, typer.Option(help="hold new requests as proposed until approved (labloop approve)")] = False,
 ) -> None:
-    """Define (or redefine) a campaign."""
+    """Define (or redefine) a campaign: --assay is its first objective, --objective adds others."""
     from labloop.consumers.kafka import make_producer
     from labloop.consumers.publisher import publish_records
     from labloop.streams.campaign import now_ms
-    from labloop.streams.definition import AssayRange
+    from labloop.streams.definition import AssayRange, Objective
 
+    try:
+        more = tuple(Objective.parse(t) for t in objectives or [])
+    except ValueError as exc:
+        raise typer.BadParameter(f"--objective {exc}") from None
     parsed = []
     for text in ranges or []:
         try:
@@ -381,7 +391,7 @@ def campaign(
     spec = CampaignSpec(campaign_id, assay, unit, direction=direction.value.upper(), batch_size=batch_size,  # type: ignore[arg-type]
                         init_size=init_size, budget=budget, min_pool_size=min_pool_size, policy=policy, learner=learner,
                         schedule="CONTINUOUS" if continuous else "ROUNDS", request_ttl_s=ttl_s, seed=seed,
-                        ranges=tuple(parsed))
+                        ranges=tuple(parsed), objectives=more, approval=approval)
     s = _settings()
     publish_records(make_producer(_kafka(s)), _codec(s), "campaigns", "Campaign", iter([spec.to_record(now_ms())]))
     console.print(f"campaign {campaign_id} published")
@@ -444,7 +454,7 @@ def robot(
     oracle: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="CSV of SMILES -> value (virtual lab)")],
     smiles_col: str = "smiles",
     value_col: str = "value",
-    unit: Annotated[str, typer.Option(help="unit of the oracle's values; must match the campaign's")] = ...,  # type: ignore[assignment]
+    unit: Annotated[str, typer.Option(help="unit of the oracle's values; must match the campaign's")] = "",
     robot_id: str = "robot-1",
     latency_s: Annotated[float, typer.Option(help="seconds per batch")] = 0.0,
     noise_sd: float = 0.0,
@@ -452,6 +462,9 @@ def robot(
     plate_size: Annotated[int, typer.Option(help="wells per plate; 0 = single readings")] = 384,
     campaign: Annotated[list[str] | None, typer.Option(help="serve only this campaign (repeatable; default: all)")] = None,
     assay: Annotated[list[str] | None, typer.Option(help="serve only this assay (repeatable; default: all)")] = None,
+    column: Annotated[list[str] | None, typer.Option(
+        "--column", help="a multi-column oracle: ASSAY:COLUMN:UNIT[:LATENCY_S] answers ASSAY from --oracle's COLUMN "
+                         "after LATENCY_S more seconds (repeatable; replaces --value-col and --unit)")] = None,
 ) -> None:
     """Run a robot with a virtual instrument answering requests from an oracle CSV, until Ctrl-C.
 
@@ -464,11 +477,25 @@ def robot(
     journal = s.data_dir / "robots" / f"{robot_id}.journal"
     group = "labloop-robots" if not (campaign or assay) else \
         "labloop-robots-" + "-".join(sorted(campaign or ["all"]) + sorted(assay or ["all"]))  # a group per fleet
+    cols: dict[str, tuple[str, str, float]] = {}
+    for text in column or []:
+        parts = text.split(":")
+        try:
+            cols[parts[0]] = (parts[1], parts[2], float(parts[3]) if len(parts) > 3 else 0.0)
+            if len(parts) > 4 or not all(parts[:3]):
+                raise ValueError
+        except (IndexError, ValueError):
+            raise typer.BadParameter(f"--column {text!r}: expected ASSAY:COLUMN:UNIT[:LATENCY_S]") from None
+    if not cols and not unit:
+        raise typer.BadParameter("--unit is needed (or --column for a multi-column oracle)")
+    oracles = Oracle.columns_from_csv(oracle, smiles_col, {a: c for a, (c, _, _) in cols.items()}) if cols else \
+        Oracle.from_csv(oracle, smiles_col, value_col)
     lab = VirtualLab(RobotClient(_kafka(s, "robot"), _codec(s), robot_id=robot_id, journal=journal, group_id=group,
                                  campaigns=set(campaign) if campaign else None, assays=set(assay) if assay else None),
-                     Oracle.from_csv(oracle, smiles_col, value_col),
+                     oracles,
                      LabConfig(latency_s=latency_s, noise_sd=noise_sd, failure_rate=failure_rate, plate_size=plate_size,
-                               unit=unit))
+                               unit=unit, units={a: u for a, (_, u, _) in cols.items()},
+                               assay_latency_s={a: t for a, (_, _, t) in cols.items()}))
     console.print(f"{robot_id} waiting for requests (Ctrl-C stops)")
     try:
         lab.run()
@@ -625,9 +652,108 @@ def explain(request_id: Annotated[str, typer.Argument(help="the request's id")])
                   f"(offsets below {tr['watermarks'] or 'none'}); best of them:")
     for cpd, value, rid in tr["best"]:
         console.print(f"    {cpd}  {value:.4g}  ({rid})")
+    for d in e["decisions"]:
+        console.print(f"  {d['event_time']:%Y-%m-%d %H:%M:%S} {d['action'].lower()} by {d['decided_by']}"
+                      + (f", priority {d['priority']}" if d["priority"] is not None else "")
+                      + (f": {d['reason']}" if d["reason"] else ""))
     out = e["outcome"]
     console.print(f"  outcome: {', '.join(s for s, _ in out['statuses']) or 'no status yet'}"
                   + "".join(f"; measured {v:.4g} {u} ({rid})" for v, u, rid in out["readings"]))
+
+
+def _decide(request_ids: list[str], action: str, by: str | None, reason: str | None, priority: int | None) -> None:
+    """Publish one Decision per request (each checked against ClickHouse first; none is sent when one fails)."""
+    import getpass
+
+    from labloop.consumers.approval import ApprovalError, decision_record
+    from labloop.consumers.kafka import make_producer
+    from labloop.consumers.publisher import publish_records
+    from labloop.streams.campaign import now_ms
+    from labloop.streams.sql import analyst_client
+
+    s = _settings()
+    client = analyst_client(s)
+    who = by or getpass.getuser()
+    try:
+        recs = [decision_record(client, rid, action, who, now_ms(), reason, priority) for rid in request_ids]
+    except ApprovalError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    publish_records(make_producer(_kafka(s)), _codec(s), "decisions", "Decision", iter(recs))
+    verb = {"APPROVE": "approved", "REJECT": "rejected", "PRIORITIZE": "reprioritized"}[action]
+    for r in recs:
+        console.print(f"{verb} {r['request_id']} of campaign {r['campaign_id']}"
+                      + (f" (priority {priority})" if priority is not None else ""))
+
+
+_BY = typer.Option("--by", help="who decides (default: your login name)")
+
+
+@app.command()
+def approve(request_ids: Annotated[list[str], typer.Argument(help="proposed requests' ids")],
+            priority: Annotated[int | None, typer.Option(help="their priority (0 = most urgent)")] = None,
+            by: Annotated[str | None, _BY] = None) -> None:
+    """Approve proposed requests of an approval-gated campaign: the worker sends them to the robots."""
+    _decide(request_ids, "APPROVE", by, None, priority)
+
+
+@app.command()
+def reject(request_ids: Annotated[list[str], typer.Argument(help="proposed requests' ids")],
+           reason: Annotated[str, typer.Option(help="why (required; recorded with the decision)")],
+           by: Annotated[str | None, _BY] = None) -> None:
+    """Reject proposed requests: their compounds are never proposed again in that campaign, and the
+    campaign proposes others in their place."""
+    _decide(request_ids, "REJECT", by, reason, None)
+
+
+@app.command()
+def prioritize(request_id: Annotated[str, typer.Argument(help="a proposed request's id")],
+               priority: Annotated[int, typer.Argument(help="0 = most urgent")],
+               by: Annotated[str | None, _BY] = None) -> None:
+    """Change a proposed request's priority; it stays proposed until approved or rejected."""
+    _decide([request_id], "PRIORITIZE", by, None, priority)
+
+
+@app.command()
+def proposals(campaign: Annotated[str | None, typer.Option(help="one campaign's only")] = None) -> None:
+    """The approval queue: proposed requests waiting for a decision, most urgent first."""
+    from labloop.consumers.approval import pending_proposals
+    from labloop.streams.sql import analyst_client
+
+    rows = pending_proposals(analyst_client(_settings()), campaign)
+    table = Table("request", "campaign", "compound", "priority", "predicted", "score", "SMILES")
+    for r in rows:
+        pred = "" if r["predicted_mean"] is None else f"{r['predicted_mean']:.3g} ± {r['predicted_std']:.2g}"
+        table.add_row(r["request_id"], r["campaign_id"], r["compound_id"], str(r["priority"]), pred,
+                      "" if r["acquisition_score"] is None else f"{r['acquisition_score']:.3g}", r["smiles"][:60])
+    console.print(table)
+    console.print(f"{len(rows)} proposal(s) waiting")
+
+
+@app.command()
+def dashboard(port: Annotated[int | None, typer.Option(help="port (default LABLOOP_DASHBOARD_PORT)")] = None,
+              host: Annotated[str, typer.Option(help="address to listen on; the dashboard has no login of its own: "
+                                                     "beyond loopback, put it behind an authenticating proxy")] = "127.0.0.1",
+              ) -> None:
+    """Serve the web dashboard: campaigns, trajectories, accuracy and the approval queue."""
+    import uvicorn
+
+    from labloop.consumers.dashboard import create_dashboard
+    from labloop.consumers.kafka import make_producer
+    from labloop.consumers.publisher import publish_records
+    from labloop.streams.ops import explain as explain_request
+    from labloop.streams.sql import analyst_client
+
+    s = _settings()
+    producer = make_producer(_kafka(s))
+    codec = _codec(s)
+
+    def publish(rec: dict[str, object]) -> None:
+        publish_records(producer, codec, "decisions", "Decision", iter([rec]))
+
+    port = s.dashboard_port if port is None else port
+    console.print(f"dashboard on http://{host}:{port}/")
+    uvicorn.run(create_dashboard(lambda: analyst_client(s), publish, explain_request), host=host, port=port,
+                log_level="warning")
 
 
 @app.command()
@@ -725,7 +851,7 @@ def bench_al(
 def bench_mo(
     csv_path: Annotated[Path, typer.Option("--csv", exists=True, dir_okay=False, help="pool CSV (optionally .gz)")],
     objective: Annotated[list[str], typer.Option(help="COL:min or COL:max (repeatable)")],
-    smiles_col: Annotated[str, typer.Option(help="SMILES column")] = "smiles",
+    smiles_col: Annotated[str, typer.Option(help="SMILES column (matched in any case)")] = "smiles",
     constraint: Annotated[list[str] | None, typer.Option(help='"COL<=X" or "COL>=X" (repeatable)')] = None,
     ref_quantile: Annotated[float, typer.Option(min=0.0, max=1.0, help="reference point: only the best 1-Q of "
                                                                       "the pool pass it (0.5 = the median)")] = 0.5,

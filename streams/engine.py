@@ -2,7 +2,7 @@
 
 Every campaign event goes in through one method and what it makes the loop say comes out as
 :class:`~labloop.streams.campaign.Emit` values: a definition, compounds, readings (single or a
-plate), a robot's status, the expiry tick, a decision step (requests, or the final report) and a
+plate), a robot's status, a person's decision on a proposed request, the expiry tick, a decision step (requests, or the final report) and a
 finished model update. The Faust worker (:mod:`labloop.streams.worker`) consumes, batches, calls
 the engine under the campaign's lock and sends what it returns; recovery
 (:mod:`labloop.streams.recovery`) replays the log through the same methods and drops what they
@@ -102,6 +102,18 @@ class CampaignEngine:
             raise InvalidEvent(f"status for unknown campaign {record['campaign_id']!r}")
         rt.on_status(record)
 
+    def decision(self, record: Record, now_ms: int) -> list[Emit]:
+        """Apply a person's ``Decision`` on a proposed request: the ``ExperimentRequest`` to send
+        when it approves one (see :meth:`CampaignRuntime.decide_on`).
+
+        Raises:
+            InvalidEvent: an unknown campaign or request, or a decision that cannot apply.
+        """
+        rt = self._campaigns.get(record["campaign_id"])
+        if rt is None:
+            raise InvalidEvent(f"decision for unknown campaign {record['campaign_id']!r}")
+        return rt.decide_on(record, now_ms)
+
     def expire(self, campaign_id: str, now_ms: int) -> list[Emit]:
         """Expire the campaign's requests past their deadline: the ``RequestStatus`` events to send."""
         rt = self._campaigns.get(campaign_id)
@@ -115,10 +127,16 @@ class CampaignEngine:
 
     def fit(self, campaign_id: str, update: Update) -> tuple[np.ndarray, np.ndarray]:
         """Run a model update's fit (the heavy part: on a thread, without the campaign's lock; one
-        fit per campaign at a time). Returns the pool's ``(mean, std)`` in objective units, for
-        :meth:`commit_update`."""
+        fit per campaign at a time): the first objective's learner, and each further assay's with
+        new readings (their predictions go into ``update.side_pred``). Returns the pool's
+        ``(mean, std)`` of the first objective in its units, for :meth:`commit_update`."""
         rt = self._campaigns[campaign_id]
         assert rt.pool is not None
+        for assay, (y, keys) in update.side.items():  # a further assay's learner: in this process
+            update.side_pred[assay] = rt.side[assay].fit(y, keys, update.X_pool)
+        if update.keys.size == 0:  # only further assays learned: the first objective's model stands
+            m, s = rt.pool.learner.predict(update.X_pool)
+            return rt.pool.sign * m, s
         return rt.pool.fit(update.y_new, update.keys, update.X_pool)
 
     def commit_update(self, campaign_id: str, update: Update, pred: tuple[np.ndarray, np.ndarray], train_s: float,
@@ -138,10 +156,11 @@ class CampaignEngine:
             rt.pool.learner = move(rt.pool.learner)
 
     # ---- replay of the loop's own outputs -----------------------------------------------------
-    def replay_request(self, record: Record) -> bool:
-        """Re-adopt an ``ExperimentRequest`` published before a restart; False when unknown or known."""
+    def replay_request(self, record: Record, proposed: bool = False) -> bool:
+        """Re-adopt an ``ExperimentRequest`` published before a restart (``proposed``: one from the
+        proposals topic); False when unknown or known."""
         rt = self._campaigns.get(record["campaign_id"])
-        return rt is not None and rt.restore_request(record)
+        return rt is not None and rt.restore_request(record, proposed)
 
     def replay_model_update(self, record: Record) -> None:
         """A ``ModelUpdate`` published before a restart: model versions continue after it, and a

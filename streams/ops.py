@@ -10,6 +10,8 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Producer
 
+from labloop.consumers.approval import decisions_of
+from labloop.consumers.tables import sql_string as _q
 from labloop.schemas import Codec, DecodeError, LabloopError
 
 __all__ = ["DeadLetterRef", "NotFound", "dead_letters", "explain", "replay", "request_state"]
@@ -38,10 +40,6 @@ class DeadLetterRef:
     def sql(self) -> str:
         return (f"source_topic = {_q(self.topic)} AND source_partition = {self.partition} "
                 f"AND source_offset = {self.offset}")
-
-
-def _q(s: str) -> str:
-    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _where(topic: str | None, error_class: str | None, refs: list[DeadLetterRef]) -> str:
@@ -121,8 +119,11 @@ def request_state(client: Client, request_id: str) -> dict[str, Any] | None:
 
 
 def explain(client: Client, request_id: str) -> dict[str, Any]:
-    """Why a compound was requested: the request, its model and policy, and what the model had learned from."""
+    """Why a compound was requested: the request (or proposal), its model and policy, what the model
+    had learned from, what happened to it, and people's decisions on it (approval-gated campaigns)."""
     res = client.query(f"SELECT * FROM requests WHERE request_id = {_q(request_id)} LIMIT 1")
+    if not res.result_rows:  # proposed and not approved (yet)
+        res = client.query(f"SELECT * FROM proposals WHERE request_id = {_q(request_id)} LIMIT 1")
     if not res.result_rows:
         raise NotFound(f"no request {request_id!r}")
     req = dict(zip(res.column_names, res.result_rows[0], strict=True))
@@ -157,4 +158,4 @@ def explain(client: Client, request_id: str) -> dict[str, Any]:
     result = client.query(f"SELECT value, unit, reading_id FROM readings WHERE request_id = {_q(request_id)}").result_rows
     return {"request": req, "campaign": campaign, "model": model,
             "training_readings": {"readings": seen[0], "compounds": seen[1], "watermarks": marks, "best": best},
-            "outcome": {"statuses": outcome, "readings": result}}
+            "outcome": {"statuses": outcome, "readings": result}, "decisions": decisions_of(client, request_id)}

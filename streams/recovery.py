@@ -35,8 +35,8 @@ log = logging.getLogger("labloop.recovery")
 
 class RecoveryError(LabloopError):
     """The input topics could not be replayed up to the committed offsets."""
-_INPUTS = ("campaigns", "compounds", "readings", "plates", "status")
-_OWN = ("requests", "model_updates")
+_INPUTS = ("campaigns", "compounds", "readings", "plates", "status", "decisions")
+_OWN = ("proposals", "requests", "model_updates")
 
 
 def _read(c: Consumer, tps: list[TopicPartition], stops: dict[tuple[str, int], int] | None = None,
@@ -141,6 +141,17 @@ def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str,
             continue
         mols, ok, _ = parse_many([r["smiles"] for r in recs], limits or MoleculeLimits())
         stats["compounds"] += engine.register(cid, [recs[i] for i in ok], featurize_mols(mols, spec))
+    # Proposals, then the decisions on them, then what reached the robots (an approval whose
+    # decision is past the committed offsets is known from its request).
+    for _, r in by_role["proposals"]:
+        if engine.replay_request(r, proposed=True):
+            stats["proposals"] += 1
+    for _, r in by_role["decisions"]:
+        try:
+            engine.decision(r, int(r["event_time"]))
+            stats["decisions"] += 1
+        except LabloopError:  # dead-lettered when it first arrived
+            continue
     for _, r in by_role["requests"]:
         if engine.replay_request(r):
             stats["requests"] += 1

@@ -160,6 +160,7 @@ class Stack:
     settings: Settings
     workers: int = 1
     with_sink: bool = True
+    with_dashboard: bool = False  # `labloop up` serves it; the tests' stacks start one where they test it
     broker: EmbeddedBroker | None = None
     procs: list[_Proc] = field(default_factory=list)
     bootstrap: str = ""
@@ -174,6 +175,14 @@ class Stack:
     def health_ports(self) -> dict[str, int]:
         """Child name -> the loopback port of its ``/healthz``, ``/readyz`` and ``/metrics``."""
         return {p.name: int(p.env["LABLOOP_HEALTH_PORT"]) for p in self.procs if "LABLOOP_HEALTH_PORT" in p.env}
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """The web dashboard's address, when this stack serves one."""
+        for p in self.procs:
+            if p.name == "dashboard":
+                return f"http://127.0.0.1:{p.env['LABLOOP_DASHBOARD_PORT']}/"
+        return None
 
     @property
     def analyst_url(self) -> str:
@@ -256,6 +265,14 @@ class Stack:
             sink = self._spawn("sink", "sink", env={"LABLOOP_HEALTH_PORT": str(free_port()), "LABLOOP_KAFKA_ROLE": "sink"})
             if self.settings.embedded_clickhouse:
                 wait_for_port(self.settings.clickhouse_http_port, 60, sink.proc, "ClickHouse sink")
+        if self.with_dashboard:
+            port = self.settings.dashboard_port or free_port()
+            if port_in_use(port):
+                raise RuntimeFailure(f"127.0.0.1:{port} is already in use: set LABLOOP_DASHBOARD_PORT to a free port "
+                                     f"(0 = any)")
+            dash = self._spawn("dashboard", "dashboard", "--port", str(port), env={"LABLOOP_KAFKA_ROLE": "operator",
+                                                                                "LABLOOP_DASHBOARD_PORT": str(port)})
+            wait_for_port(port, 60, dash.proc, "dashboard")  # the address printed answers at once
         for i in range(self.workers):
             self._spawn(f"worker-{i}", "worker", env={"LABLOOP_WORKER_ID": str(i), "LABLOOP_HEALTH_PORT": str(free_port()),
                                                     "LABLOOP_KAFKA_ROLE": "worker"})

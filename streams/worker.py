@@ -533,6 +533,30 @@ class LabloopWorker:
         for cid in touched:
             self.tick(cid)
 
+    async def on_decisions(self, events: list[Any]) -> None:
+        """People's decisions on proposed requests: an approval sends its request to the robots;
+        a rejection frees a place that the campaign's next decision fills."""
+        touched = set()
+        async for ev, r in self.decoded(events, ("Decision",)):
+            cid = r["campaign_id"]
+            try:
+                async with self.locks[cid]:
+                    out = self.engine.decision(r, now_ms())
+                    if out:
+                        self.busy[cid] += 1
+                if out:
+                    try:
+                        await self.emit(cid, out, acked=True)
+                    finally:
+                        self.busy[cid] -= 1
+                log.info("campaign %s: %s %s by %s%s", cid, r["action"].lower(), r["request_id"], r["decided_by"],
+                         f" ({r['reason']})" if r["reason"] else "")
+                touched.add(cid)
+            except LabloopError as exc:
+                await self.dead_letter(ev, "validate", exc)
+        for cid in touched:
+            self.tick(cid)
+
     def _observe(self) -> None:
         if self.checkpoints is not None and not self.progress.changed:
             self.checkpoint_at = time.time()  # nothing changed since the last one: it is current
@@ -633,7 +657,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
         app.agent(w.topics[role], name=f"labloop.{role}")(run)
 
     for role, handler in (("campaigns", w.on_campaigns), ("compounds", w.on_compounds), ("readings", w.on_readings),
-                          ("plates", w.on_plates), ("status", w.on_status)):
+                          ("plates", w.on_plates), ("status", w.on_status), ("decisions", w.on_decisions)):
         agent(role, handler)
     app.timer(interval=2.0)(w.on_timer)
     if settings.checkpoint_interval_s > 0:

@@ -21,7 +21,7 @@ def test_compose_uses_only_real_settings_and_commands() -> None:
     fields = {f"LABLOOP_{name.upper()}" for name in Settings.model_fields}
     commands = set(get_command(app).commands)  # type: ignore[attr-defined]
     labloop_services = [s for s in compose["services"].values() if "build" in s]
-    assert {s["command"][0] for s in labloop_services} == {"topics", "worker", "sink", "robot"}
+    assert {s["command"][0] for s in labloop_services} == {"topics", "worker", "sink", "robot", "dashboard"}
     for svc in labloop_services:
         assert svc["command"][0] in commands
         unknown = {k for k in svc["environment"] if k.startswith("LABLOOP_")} - fields
@@ -45,7 +45,7 @@ def test_dockerfile_copies_every_package() -> None:
 def test_compose_services_restart_check_their_health_and_keep_their_data() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     svc = compose["services"]
-    for name in ("kafka", "clickhouse", "worker", "sink", "robot"):
+    for name in ("kafka", "clickhouse", "worker", "sink", "robot", "dashboard"):
         assert svc[name].get("restart") == "unless-stopped", name
     for name in ("worker", "sink"):  # probed on the health port the environment gives them
         port = svc[name]["environment"]["LABLOOP_HEALTH_PORT"]
@@ -88,7 +88,7 @@ def test_kubernetes_workloads_run_real_commands_with_real_settings_and_probes() 
     assert set(config) | set(secret) <= fields, (set(config) | set(secret)) - fields
     assert "PASSWORD" not in " ".join(config) and "DSN" not in " ".join(config)  # secrets in the Secret only
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    assert set(deployments) == {"labloop-worker", "labloop-sink", "labloop-robot"}
+    assert set(deployments) == {"labloop-worker", "labloop-sink", "labloop-robot", "labloop-dashboard"}
     assert deployments["labloop-worker"]["spec"]["replicas"] == TOPICS["readings"].partitions  # one per partition
     for d in deployments.values():
         assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
@@ -133,6 +133,8 @@ def test_the_acl_script_gives_each_role_only_what_it_does(tmp_path: Path) -> Non
     writes = {(p, t) for p, op, t in calls if op == "Write"}
     reads = {(p, t) for p, op, t in calls if op == "Read"}
     assert {p for p, t in writes if t == "labloop.campaigns"} == {"User:operator"}
+    assert {p for p, t in writes if t == "labloop.decisions"} == {"User:operator"}  # people's approvals
+    assert ("User:worker", "labloop.decisions") in reads and ("User:worker", "labloop.proposals") in writes
     assert {t for p, t in writes if p == "User:instrument"} == {"labloop.readings", "labloop.plates"}
     assert {t for p, t in reads if p == "User:robot"} == {"labloop.requests", "group:labloop-robots"}
     assert {"labloop.request-status", "labloop.readings"} <= {t for p, t in writes if p == "User:robot"}

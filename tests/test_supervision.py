@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ def _one(pid: int, what: str, other_than: int = 0, timeout_s: float = 60) -> int
 @pytest.fixture()
 def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     e = {**os.environ, "LABLOOP_DATA_DIR": str(tmp_path / "data"), "LABLOOP_CLICKHOUSE_HTTP_PORT": str(free_port()),
+         "LABLOOP_DASHBOARD_PORT": str(free_port()),
          "LABLOOP_LOG_LEVEL": "info", "LABLOOP_CHECKPOINT_INTERVAL_S": "1", "COLUMNS": "200"}
     yield e
     _labloop(e, "down", "--timeout-s", "30")  # whatever a failed test left running
@@ -78,6 +80,9 @@ def test_killed_worker_and_sink_come_back_under_labloop_up_and_the_campaign_fini
     assert up.returncode == 0, up.stdout + up.stderr
     assert "labloop is up" in up.stdout
     info = json.loads((Path(env["LABLOOP_DATA_DIR"]) / "up.json").read_text())
+    url = f"http://127.0.0.1:{env['LABLOOP_DASHBOARD_PORT']}/"
+    assert info["dashboard"] == url and url in up.stdout  # the dashboard's address, printed
+    assert "Campaigns" in urllib.request.urlopen(url, timeout=30).read().decode()
     second = _labloop(env, "up", timeout=60)
     assert second.returncode == 2 and "already running" in second.stderr and str(info["pid"]) in second.stderr
     kafka = {"bootstrap.servers": info["bootstrap"]}

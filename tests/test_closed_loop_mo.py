@@ -1,0 +1,59 @@
+"""A two-assay campaign with a constraint and a slow second assay, through the real broker, Faust
+worker, virtual lab (a multi-column oracle, a latency per assay) and chDB sink."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from rdkit import Chem
+from rdkit.Chem import Crippen
+
+from labloop.consumers import LabConfig, Oracle, RobotClient, VirtualLab
+from labloop.schemas import Codec
+from labloop.streams.definition import CampaignSpec, Objective
+from labloop.streams.runtime import Stack
+
+DATA = Path(__file__).parent / "data" / "tpsa_300.csv"
+CID = "mo-it"
+BUDGET, SLOW_S = 30, 1.5
+
+
+def test_two_assays_a_constraint_and_a_slow_assay_close_the_loop(stack: Stack, codec: Codec, ch: Any,
+                                                                   define_campaign: Any, settle: Any,
+                                                                   tmp_path: Path) -> None:
+    pool = tmp_path / "tpsa_logp.csv"  # the second assay: Crippen logP, as a virtual instrument measures it
+    with open(DATA) as src, open(pool, "w", newline="") as dst:
+        w = csv.writer(dst)
+        w.writerow(["smiles", "tpsa", "logp"])
+        for r in csv.DictReader(src):
+            mol = Chem.MolFromSmiles(r["smiles"])
+            w.writerow([r["smiles"], r["tpsa"], f"{Crippen.MolLogP(mol):.4f}" if mol is not None else ""])
+    spec = CampaignSpec(CID, "tpsa", "A^2", batch_size=10, init_size=10, budget=BUDGET, min_pool_size=290, seed=4,
+                        request_ttl_s=600.0, objectives=(Objective("logp", "log", "AT_LEAST", 2.0),))
+    oracles = Oracle.columns_from_csv(pool, "smiles", {"tpsa": "tpsa", "logp": "logp"})
+    robot = RobotClient(stack.kafka_config, codec, robot_id="mo-robot", group_id="mo-robots", campaigns={CID})
+    lab = VirtualLab(robot, oracles, LabConfig(unit="A^2", units={"logp": "log"}, assay_latency_s={"logp": SLOW_S})).start()
+    try:
+        define_campaign(stack.kafka_config, spec, pool)
+        assert settle(f"SELECT count() FROM model_updates WHERE campaign_id = '{CID}' AND done", 1, 240) == 1, lab.errors
+    finally:
+        lab.stop()
+    reqs = ch.query(f"SELECT request_id, assays, policy, batch FROM requests WHERE campaign_id = '{CID}'").result_rows
+    assert len({r[0] for r in reqs}) == BUDGET and all(list(r[1]) == ["tpsa", "logp"] for r in reqs)
+    assert {r[2] for r in reqs if r[3] > 0} == {"parego"}
+    # Failed experiments (no logP for a compound) retire it; every other request has one reading of each assay.
+    failed = {r for (r,) in ch.query(f"SELECT request_id FROM request_status WHERE campaign_id = '{CID}' "
+                                     f"AND status = 'FAILED'").result_rows}
+    counts = ch.query(f"SELECT assay_id, count(), uniqExact(request_id) FROM accepted_readings WHERE campaign_id = '{CID}' "
+                      f"GROUP BY assay_id ORDER BY assay_id").result_rows
+    assert counts == [("logp", BUDGET - len(failed), BUDGET - len(failed)), ("tpsa", BUDGET - len(failed), BUDGET - len(failed))]
+    # The slow assay's results came SLOW_S after the fast one's, and the final report waited for them.
+    lag = ch.query(f"SELECT min(l.t - f.t), max(l.t) FROM (SELECT request_id, min(event_time) AS t FROM readings "
+                   f"WHERE campaign_id = '{CID}' AND assay_id = 'logp' GROUP BY request_id) AS l JOIN (SELECT request_id, "
+                   f"min(event_time) AS t FROM readings WHERE campaign_id = '{CID}' AND assay_id = 'tpsa' "
+                   f"GROUP BY request_id) AS f ON l.request_id = f.request_id").result_rows[0]
+    assert lag[0] >= SLOW_S - 0.3, lag
+    final = ch.query(f"SELECT event_time, n_measured FROM model_updates WHERE campaign_id = '{CID}' AND done").result_rows[0]
+    assert final[0] >= lag[1] and final[1] == BUDGET - len(failed)
