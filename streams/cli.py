@@ -104,7 +104,7 @@ def up(workers: Annotated[int, typer.Option(help="Faust worker processes")] = 1,
     if detach:
         _detach(s, lock, workers)
         return
-    with lock, Stack(s, workers=workers, with_dashboard=True) as stack:
+    with lock, Stack(s, workers=workers, with_dashboard=s.dashboard) as stack:
         info: dict[str, object] = {
             "bootstrap": stack.bootstrap, "embedded_kafka": stack.broker is not None,
             "broker_log": "disk" if stack.broker is not None and stack.broker.durable else "memory",

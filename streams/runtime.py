@@ -265,6 +265,9 @@ class Stack:
             sink = self._spawn("sink", "sink", env={"LABLOOP_HEALTH_PORT": str(free_port()), "LABLOOP_KAFKA_ROLE": "sink"})
             if self.settings.embedded_clickhouse:
                 wait_for_port(self.settings.clickhouse_http_port, 60, sink.proc, "ClickHouse sink")
+        for i in range(self.workers):
+            self._spawn(f"worker-{i}", "worker", env={"LABLOOP_WORKER_ID": str(i), "LABLOOP_HEALTH_PORT": str(free_port()),
+                                                    "LABLOOP_KAFKA_ROLE": "worker"})
         if self.with_dashboard:
             port = self.settings.dashboard_port or free_port()
             if port_in_use(port):
@@ -272,10 +275,8 @@ class Stack:
                                      f"(0 = any)")
             dash = self._spawn("dashboard", "dashboard", "--port", str(port), env={"LABLOOP_KAFKA_ROLE": "operator",
                                                                                 "LABLOOP_DASHBOARD_PORT": str(port)})
-            wait_for_port(port, 60, dash.proc, "dashboard")  # the address printed answers at once
-        for i in range(self.workers):
-            self._spawn(f"worker-{i}", "worker", env={"LABLOOP_WORKER_ID": str(i), "LABLOOP_HEALTH_PORT": str(free_port()),
-                                                    "LABLOOP_KAFKA_ROLE": "worker"})
+            # Started last, so that its imports overlap the workers' start; the address printed answers at once.
+            wait_for_port(port, 60, dash.proc, "dashboard")
         return self
 
     def _gate_config(self) -> Any:

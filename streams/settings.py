@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     worker_id: str = Field("0", description="names this worker's checkpoint; a replacement reuses its predecessor's id")
     health_port: int = Field(0, ge=0, lt=65536, description="loopback port of a worker's or sink's /healthz, /readyz and "
                              "/metrics (0 = a free one; `labloop up` chooses and prints them)")
+    dashboard: bool = Field(True, description="`labloop up` serves the web dashboard")
     dashboard_port: int = Field(8050, ge=0, lt=65536, description="loopback port of the web dashboard that `labloop up` "
                                 "starts and prints (0 = a free one)")
     log_level: Literal["debug", "info", "warn", "error"] = "warn"

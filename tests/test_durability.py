@@ -113,7 +113,7 @@ def test_the_whole_stack_killed_twice_mid_campaign_resumes_exactly(tmp_path: Pat
     cid = f"durable-{signal.Signals(sig).name.lower()}"
     data = tmp_path / "data"
     env = {**os.environ, "LABLOOP_DATA_DIR": str(data), "LABLOOP_CLICKHOUSE_HTTP_PORT": str(free_port()),
-           "LABLOOP_DASHBOARD_PORT": str(free_port()), "LABLOOP_LOG_LEVEL": "info", "LABLOOP_CHECKPOINT_INTERVAL_S": "2",
+           "LABLOOP_DASHBOARD": "false", "LABLOOP_LOG_LEVEL": "info", "LABLOOP_CHECKPOINT_INTERVAL_S": "2",
            "COLUMNS": "200"}
     codec = Codec()
     robot: subprocess.Popen[bytes] | None = None

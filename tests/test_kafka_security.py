@@ -131,7 +131,7 @@ def test_a_whole_stack_over_sasl_and_tls_each_role_its_own_login_no_password_sho
         "LABLOOP_SCHEMA_REGISTRY_AUTH": "reg-user:registry-pw-zq83", "LABLOOP_KAFKA_SSL_KEY_PASSWORD": "key-pw-zq84",
         "LABLOOP_KAFKA_OAUTH_CLIENT_SECRET": "oauth-pw-zq85"}
     env = {**os.environ, **given, "LABLOOP_DATA_DIR": str(data), "LABLOOP_CLICKHOUSE_HTTP_PORT": str(free_port()),
-           "LABLOOP_DASHBOARD_PORT": str(free_port()),
+           "LABLOOP_DASHBOARD": "false",
            "LABLOOP_BROKER_SASL": "true", "LABLOOP_BROKER_TLS": "true", "LABLOOP_BROKER_STORAGE": "memory",
            "LABLOOP_LOG_LEVEL": "debug", "LABLOOP_GATE_LOG": "INFO", "COLUMNS": "200"}
     outputs: list[str] = []
