@@ -219,8 +219,11 @@ class RobotClient:
             out.append(r)
         self._write(*({"t": "taken", "request": r} for r in out))
         if msgs:
+            # Asynchronously: a synchronous commit blocked the batch for tens of seconds when the
+            # broker went away just after the requests arrived, and the journal already skips
+            # whatever a lost commit delivers again.
             try:
-                self.consumer.commit(asynchronous=False)
+                self.consumer.commit(asynchronous=True)
             except KafkaException as exc:  # the broker is away: the journal skips what comes again
                 log.warning("%s: cannot commit request offsets (%s); the journal skips re-deliveries",
                             self.robot_id, exc.args[0] if exc.args else exc)
