@@ -27,6 +27,7 @@ import math
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -169,11 +170,7 @@ class _Pages:
     # ---- pages ----------------------------------------------------------------------------
     def campaigns(self, request: Request) -> Response:
         c = self.client
-        waiting = {r["campaign_id"]: r["n"] for r in _rows(c, (
-            "SELECT p.campaign_id AS campaign_id, count() AS n FROM (SELECT request_id, any(campaign_id) AS campaign_id "
-            "FROM proposals GROUP BY request_id) AS p LEFT JOIN (SELECT request_id, 1 AS closed FROM decisions "
-            "WHERE action IN ('APPROVE', 'REJECT') GROUP BY request_id) AS d ON p.request_id = d.request_id "
-            "WHERE d.closed = 0 GROUP BY p.campaign_id"))}
+        waiting = Counter(r["campaign_id"] for r in pending_proposals(c, limit=1_000_000))
         rows = []
         for r in _rows(c, "SELECT * FROM campaign_progress ORDER BY campaign_id"):
             cid = r["campaign_id"]

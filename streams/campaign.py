@@ -628,8 +628,7 @@ class CampaignRuntime:
         if action == REJECT and not (r["reason"] or "").strip():
             raise InvalidEvent(f"decision {r['decision_id']!r}: a rejection needs a reason")
         if req.status != "PROPOSED":
-            taken = "REJECT" if req.status == "REJECTED" else "APPROVE"
-            if action == taken or action == PRIORITIZE and taken == "APPROVE" and r["priority"] is None:
+            if action == (REJECT if req.status == "REJECTED" else APPROVE):
                 return []  # already applied
             raise InvalidEvent(f"decision {r['decision_id']!r}: {action} request {rid!r}, which is already "
                                f"{req.status.lower()}")
