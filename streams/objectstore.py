@@ -56,6 +56,7 @@ class _Meta:
     size: int
     mtime: float
     etag: str
+    entry: str = ""  # the object's <Contents> in a listing, made once: Tansu lists a partition on every fetch
 
 
 class _Reply(Exception):
@@ -315,6 +316,7 @@ class _Server:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._date = (0, "")  # (second, its HTTP date): one formatting per second, not per response
 
     @contextlib.asynccontextmanager
     async def _key_lock(self, bucket: str, key: str) -> Any:
@@ -377,8 +379,11 @@ class _Server:
         reason = {200: "OK", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 403: "Forbidden",
                   404: "Not Found", 405: "Method Not Allowed", 412: "Precondition Failed", 413: "Too Large",
                   431: "Headers Too Large", 500: "Internal Server Error"}.get(status, "Status")
+        now = int(time.time())
+        if now != self._date[0]:
+            self._date = (now, _http_date(now))
         hdrs = {"Content-Length": str(extra.pop("_length", len(payload))), "Server": "labloop-objectstore",
-                "Date": _http_date(time.time()), **extra}
+                "Date": self._date[1], **extra}
         out = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n"
         writer.write(out.encode("latin-1") + (b"" if head_only else payload))
         await writer.drain()
@@ -440,11 +445,14 @@ class _Server:
                  f"<IsTruncated>{'true' if token else 'false'}</IsTruncated>"]
         if token:
             parts.append(f"<NextContinuationToken>{escape(token)}</NextContinuationToken>")
+        meta = self.store.meta
         for k in keys:
-            m = self.store.meta[(bucket, k)]
-            parts.append(f"<Contents><Key>{escape(k)}</Key><LastModified>{_iso(m.mtime)}</LastModified>"
-                         f"<ETag>{escape(m.etag)}</ETag><Size>{m.size}</Size><StorageClass>STANDARD</StorageClass>"
-                         f"</Contents>")
+            m = meta[(bucket, k)]
+            if not m.entry:  # formatting the time was most of a listing's cost (py-spy of a loaded store)
+                m.entry = (f"<Contents><Key>{escape(k)}</Key><LastModified>{_iso(m.mtime)}</LastModified>"
+                           f"<ETag>{escape(m.etag)}</ETag><Size>{m.size}</Size><StorageClass>STANDARD</StorageClass>"
+                           f"</Contents>")
+            parts.append(m.entry)
         for cp in common:
             parts.append(f"<CommonPrefixes><Prefix>{escape(cp)}</Prefix></CommonPrefixes>")
         parts.append("</ListBucketResult>")

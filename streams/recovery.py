@@ -121,7 +121,10 @@ def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str,
     role_of = {TOPICS[r].name: r for r in (*_INPUTS, *_OWN)}
     for m in sorted([*inputs, *own], key=lambda m: (m.topic(), m.partition(), m.offset())):
         try:
-            by_role[role_of[m.topic()]].append((m, codec.decode(m.value() or b"").record))
+            # Only the topic's own schemas: a record of another (a CompoundRegistered sent to the
+            # readings topic) was dead-lettered when it first arrived, and must not be replayed.
+            rec = codec.decode(m.value() or b"", expect=TOPICS[role_of[m.topic()]].schemas).record
+            by_role[role_of[m.topic()]].append((m, rec))
         except LabloopError:
             continue  # dead-lettered when it was first processed
     for _, r in by_role["campaigns"]:

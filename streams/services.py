@@ -9,6 +9,7 @@ from labloop.consumers import ClickHouseSink, HttpBridge, connect, create_tables
 from labloop.consumers.health import HealthServer
 from labloop.consumers.kafka import check_broker
 from labloop.consumers.sink import InsertHook
+from labloop.streams.procs import STOP_GRACE_S, exit_after
 from labloop.streams.runtime import RuntimeFailure
 from labloop.streams.settings import Settings
 
@@ -39,7 +40,11 @@ def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> None:
         else "waiting for the consumer group to assign partitions"), stale_s=30.0).start()
     log.warning("health and metrics on http://127.0.0.1:%d/metrics", health.port)
     snk.on_tick = health.tick
-    signal.signal(signal.SIGTERM, lambda *_: snk.stop())
+    def stop(*_: object) -> None:
+        snk.stop()
+        exit_after(STOP_GRACE_S, "sink")
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         snk.run()
     except KeyboardInterrupt:

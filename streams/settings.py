@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(1_048_576, gt=0, description="larger input messages are dead-lettered undecoded")
     backlog_messages: int = Field(1000, description="inputs further behind than this count as a backlog")
     backlog_fit_share: float = Field(0.25, gt=0, le=1, description="under a backlog, fits take at most this share of the time (1 = no pacing)")
+    prediction_tolerance: float = Field(0.05, ge=0, le=1, description="a model version publishes the predictions that "
+                                        "moved by more than this many of their sd since last published (0: every one that "
+                                        "changed); a campaign's final version publishes all that differ")
     model_process: bool = Field(True, description="fit in a child process (false: on a thread of the worker)")
     checkpoint_interval_s: float = Field(10.0, description="how often a worker checkpoints its campaigns (0 = never)")
     worker_id: str = Field("0", description="names this worker's checkpoint; a replacement reuses its predecessor's id")

@@ -235,7 +235,23 @@ class LabloopWorker:
         pred = self.engine.fit(rt.campaign_id, update)
         writer = self.prediction_writers.setdefault(rt.campaign_id, PredictionWriter(self.codec))
         return pred, writer.encode(rt.campaign_id, rt.definition.objective_assay_id, version, rt.compound_ids,
-                                   pred[0], pred[1], now_ms())
+                                   pred[0], pred[1], now_ms(), self.settings.prediction_tolerance)
+
+    def _final_predictions(self, rt: CampaignRuntime, events: list[Emit]) -> list[Raw]:
+        """When ``events`` report the campaign done: the final model's predictions of every row not
+        yet published at its version, so that a finished campaign's newest predictions are all its
+        final model's (between versions they are within ``prediction_tolerance`` sd of them)."""
+        if rt.pool is None or rt.definition is None or not any(
+                e.role == "model_updates" and e.record["done"] for e in events):
+            return []
+        pred = rt.pool.current_prediction()
+        if pred is None:
+            return []
+        writer = self.prediction_writers.setdefault(rt.campaign_id, PredictionWriter(self.codec))
+        raws = writer.encode(rt.campaign_id, rt.definition.objective_assay_id, rt.pool.model_version,
+                             rt.compound_ids, pred[0], pred[1], now_ms(), 0.0, complete=True)
+        self.metrics.predictions.inc(writer.last_rows)
+        return [Raw("predictions", r) for r in raws]
 
     def _send_in_order(self, campaign_id: str, events: list[Emit | Raw]) -> None:
         """Send a campaign's events after those handed over before them, without waiting here (the
@@ -285,7 +301,7 @@ class LabloopWorker:
                     t0 = time.perf_counter()
                     pred, raws = await loop.run_in_executor(self.model_pool, self._fit_and_encode, rt, update, version)
                     self.metrics.fit.observe(time.perf_counter() - t0)
-                    self.metrics.predictions.inc(int(pred[0].shape[0]))
+                    self.metrics.predictions.inc(self.prediction_writers[campaign_id].last_rows)
                     async with lock:
                         events = engine.commit_update(campaign_id, update, pred, time.perf_counter() - t0, device)
                         assert rt.pool.model_version == version
@@ -294,7 +310,8 @@ class LabloopWorker:
                     self.busy[campaign_id] -= 1
                     raise
                 prev = self.sending.get(campaign_id)
-                self._send_in_order(campaign_id, [*events, *(Raw("predictions", r) for r in raws)])
+                self._send_in_order(campaign_id, [*events, *(Raw("predictions", r) for r in raws),
+                                                  *self._final_predictions(rt, events)])
                 # Back-pressure: the next fit waits until the version before this one is sent. When the
                 # broker takes a version's predictions slower than the model makes them (a durable log
                 # on a busy machine), fits coalesce more readings instead of queueing versions in memory.
@@ -304,7 +321,7 @@ class LabloopWorker:
                 until = time.perf_counter() + self._pace(time.perf_counter() - t0)
                 while time.perf_counter() < until and self.behind():
                     await asyncio.sleep(min(0.02, until - time.perf_counter()))
-            self._send_in_order(campaign_id, list(out))
+            self._send_in_order(campaign_id, [*out, *self._final_predictions(rt, out)])
         except ModelHostError as exc:
             self._exit_if_models_died(exc)
             log.exception("model update of campaign %s failed", campaign_id)

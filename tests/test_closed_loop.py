@@ -152,10 +152,12 @@ def test_every_event_in_clickhouse_exactly_once(loop: dict[str, Any], ch: Any) -
     assert n_updates in (last, last + 1)  # + the final done report when the last answers were failures
     assert ch.query(f"SELECT uniqExact(model_version, done), uniqExact(model_version), countIf(done) FROM model_updates "
                     f"WHERE campaign_id='{CID}'").result_rows[0] == (n_updates, last, 1)
-    _settle(ch, f"SELECT count() FROM predictions WHERE campaign_id='{CID}'", 300 * last)
-    preds = ch.query(f"SELECT count(), uniqExact(model_version, compound_id) FROM predictions "
-                     f"WHERE campaign_id='{CID}'").result_rows[0]
-    assert preds[0] == preds[1] == 300 * last
+    # Each version publishes the predictions that moved (the first version all 300), the final one
+    # completes the pool: every compound's newest prediction is the final model's, none sent twice.
+    _settle(ch, f"SELECT countIf(model_version = {last}) FROM predictions WHERE campaign_id='{CID}'", 300)
+    preds = ch.query(f"SELECT count(), uniqExact(model_version, compound_id), countIf(model_version = 1), "
+                     f"countIf(model_version = {last}) FROM predictions WHERE campaign_id='{CID}'").result_rows[0]
+    assert preds[0] == preds[1] and preds[2] == 300 and preds[3] == 300, preds
 
 
 def test_campaign_beats_random(loop: dict[str, Any], ch: Any) -> None:

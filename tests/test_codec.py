@@ -185,6 +185,14 @@ def test_older_writer_in_history_is_read_as_current(tmp_path: Path, codec: Codec
         codec.decode(b"\xc3\x01" + fp + buf.getvalue())
 
 
+def _items(codec: Codec, msgs: list[bytes]) -> dict[str, tuple[float, float]]:
+    out = {}
+    for raw in msgs:
+        for it in codec.decode(raw).record["items"]:
+            out[it["compound_id"]] = (it["mean"], it["std"])
+    return out
+
+
 def test_the_numpy_prediction_writer_reads_like_the_codec(codec: Codec) -> None:
     """The fast path for pool rescoring writes the same bytes as fastavro, chunked, ids of any length."""
     import numpy as np
@@ -194,14 +202,49 @@ def test_the_numpy_prediction_writer_reads_like_the_codec(codec: Codec) -> None:
     rng = np.random.default_rng(1)
     n = PREDICTION_CHUNK + 37
     ids = [f"c{i}" + "é" * int(rng.integers(0, 80)) for i in range(n)]
-    mean, std = rng.normal(size=n), rng.random(n)
+    mean, std = rng.normal(size=n), rng.random(n) + 0.1
     w = PredictionWriter(codec)
-    for version in (1, 2):  # the second call reuses the templates
-        msgs = w.encode("camp", "assay", version, ids, mean * version, std, 123)
-        assert len(msgs) == 2
+    for version in (1, 2):  # every row moved: the whole pool, in row order, twice
+        msgs = w.encode("camp", "assay", version, ids, mean + version, std, 123, 0.05)
+        assert len(msgs) == 2 and w.last_rows == n
         for k, raw in enumerate(msgs):
             s, e = k * PREDICTION_CHUNK, min((k + 1) * PREDICTION_CHUNK, n)
             rec = {"campaign_id": "camp", "model_version": version, "assay_id": "assay", "event_time": 123,
-                   "items": [{"compound_id": ids[i], "mean": float(mean[i] * version), "std": float(std[i])}
+                   "items": [{"compound_id": ids[i], "mean": float(mean[i] + version), "std": float(std[i])}
                              for i in range(s, e)]}
             assert raw == codec.encode("Prediction", rec)
+
+
+def test_the_prediction_writer_publishes_what_moved_past_the_tolerance(codec: Codec) -> None:
+    """A version publishes the rows that moved by more than tolerance x sd since last published
+    (and new rows); the newest published value of every row stays within that of the model's;
+    ``complete`` fills in the rest of a final version."""
+    import numpy as np
+
+    from labloop.streams.campaign import PredictionWriter
+
+    rng = np.random.default_rng(2)
+    ids = [f"c{i}" for i in range(50)]
+    mean, std = rng.normal(size=50), np.ones(50)
+    w = PredictionWriter(codec)
+    latest = _items(codec, w.encode("camp", "a", 1, ids, mean, std, 1, 0.05))
+    assert len(latest) == 50
+    drift = np.zeros(50)
+    for version in range(2, 12):  # each row creeps by 0.02 sd per version on odd rows; two rows jump
+        drift[1::2] += 0.02
+        m = mean + drift
+        m[version] += 1.0
+        got = _items(codec, w.encode("camp", "a", version, ids, m, std, 1, 0.05))
+        assert f"c{version}" in got and all(int(k[1:]) % 2 == 1 or int(k[1:]) == version or int(k[1:]) == version - 1
+                                           for k in got)  # even rows move only by their jump (and back)
+        latest.update(got)
+        assert max(abs(latest[c][0] - m[i]) for i, c in enumerate(ids)) <= 0.05 + 1e-12
+    assert 0 < w.last_rows < 50
+    ids2 = [*ids, "new"]  # the pool grew: the new row is published with the next version
+    m2, s2 = np.append(m, 0.0), np.append(std, 1.0)
+    assert "new" in _items(codec, w.encode("camp", "a", 12, ids2, m2, s2, 1, 0.05))
+    quiet = w.encode("camp", "a", 13, ids2, m2, s2, 1, 0.05)  # nothing moved: one message without items
+    assert len(quiet) == 1 and codec.decode(quiet[0]).record["items"] == [] and w.last_rows == 0
+    final = w.encode("camp", "a", 13, ids2, m2, s2, 1, 0.0, complete=True)
+    assert len(_items(codec, final)) == 51  # every row now published at version 13, none twice
+    assert w.encode("camp", "a", 13, ids2, m2, s2, 1, 0.0, complete=True) and w.last_rows == 0

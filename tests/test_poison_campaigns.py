@@ -82,6 +82,10 @@ def sent(stack: Stack, codec: Codec) -> dict[str, Any]:
         "reading_id": "huge-1", "campaign_id": HUGE, "compound_id": pool[-1]["compound_id"], "assay_id": "tpsa",
         "value": 1e308, "unit": "A^2", "qualifier": "EQ", "request_id": None, "instrument_id": "it",
         "event_time": 0, "ingest_time": 0}]))
+    # A record of another schema on each readings topic, keyed by a defined campaign: dead-lettered as
+    # WrongSchema live, and skipped by the replacement's replay (it once stopped the rebuild with a KeyError).
+    for role in ("readings", "plates"):
+        publish_records(producer, codec, role, "CompoundRegistered", iter([{**pool[0], "campaign_id": HUGE}]))
     producer.close()
     return {"cids": cids, "done": done}
 
