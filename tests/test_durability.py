@@ -67,11 +67,20 @@ def _robot(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
                                 start_new_session=True)
 
 
+def _reader(kafka: dict[str, str], *roles: str) -> Any:
+    """A consumer of ``roles``' topics from their start, assigned (no group join: on Tansu that
+    waits about half the session timeout, each time)."""
+    from confluent_kafka import TopicPartition
+
+    c = make_consumer(kafka, f"durable-reader-{time.monotonic_ns()}")
+    c.assign([TopicPartition(TOPICS[r].name, p, 0) for r in roles for p in range(TOPICS[r].partitions)])
+    return c
+
+
 def _wait_requested(kafka: dict[str, str], codec: Codec, cid: str, at_least: int, timeout_s: float,
                     done: bool = False) -> dict[str, Any]:
     """The first model update of ``cid`` with ``n_requested >= at_least`` (and ``done``, if asked)."""
-    c = make_consumer(kafka, f"durable-monitor-{time.monotonic_ns()}")
-    c.subscribe([TOPICS["model_updates"].name])
+    c = _reader(kafka, "model_updates")
     last: dict[str, Any] = {}
     deadline = time.monotonic() + timeout_s
     try:
@@ -143,8 +152,7 @@ def test_the_whole_stack_killed_twice_mid_campaign_resumes_exactly(tmp_path: Pat
 
         # In the log: each request issued once, each reading measured once (a request run again would
         # carry a new measurement time; a result sent again after a crash carries the same one).
-        c = make_consumer(kafka, f"durable-audit-{time.monotonic_ns()}")
-        c.subscribe([TOPICS["requests"].name, TOPICS["plates"].name])
+        c = _reader(kafka, "requests", "plates")
         requests: dict[str, int] = defaultdict(int)
         measured: dict[str, set[int]] = defaultdict(set)
         deadline = time.monotonic() + 60
