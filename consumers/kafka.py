@@ -65,8 +65,8 @@ def make_producer(kafka_config: dict[str, str], **extra: str | int) -> Producer:
     idempotent producer to do it), and that messages gather into the next batch while the broker
     writes the last one. On the durable embedded broker, with librdkafka's default of pipelined
     requests, a consumer 1,000 messages/s behind a producer fell further behind every second
-    (p50 0.5 s after 8 s, rising); with one in flight it kept up at p50 79 / p99 158 ms, the
-    same number of batches stored (measured here).
+    (p50 0.5 s over 8 s, and rising); with one in flight it kept up at p50 79 / p99 158 ms,
+    with about as many batches stored (measured here).
     """
     conf: dict[str, str | int] = {**kafka_config, "acks": "all", "linger.ms": 5, "compression.type": "lz4",
                                   "enable.idempotence": False, "queue.buffering.max.messages": 500_000,

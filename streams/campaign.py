@@ -81,7 +81,6 @@ class PredictionWriter:
         self._ids = np.zeros(0, dtype=np.uint8)  # every row's encoded id, back to back
         self._off = np.zeros(0, dtype=np.int64)  # where row i's id begins in _ids
         self._len = np.zeros(0, dtype=np.int64)
-        self._n_ids = 0
         self._mean = np.zeros(0)  # what was last published per row (NaN: never)
         self._std = np.zeros(0)
         self._version = np.zeros(0, dtype=np.int64)  # the model version each row was last published at
@@ -89,9 +88,9 @@ class PredictionWriter:
 
     def _grow(self, ids: list[str]) -> None:
         """Take in rows appended to the pool since the last call (rows never change id)."""
-        if len(ids) == self._n_ids:
+        if len(ids) == self._len.shape[0]:
             return
-        pre = [avro_string(c) for c in ids[self._n_ids:]]
+        pre = [avro_string(c) for c in ids[self._len.shape[0]:]]
         lens = np.array([len(b) for b in pre], dtype=np.int64)
         self._off = np.concatenate([self._off, self._ids.shape[0] + np.cumsum(lens) - lens])
         self._len = np.concatenate([self._len, lens])
@@ -99,7 +98,6 @@ class PredictionWriter:
         self._mean = np.concatenate([self._mean, np.full(len(pre), np.nan)])
         self._std = np.concatenate([self._std, np.full(len(pre), np.nan)])
         self._version = np.concatenate([self._version, np.full(len(pre), -1, dtype=np.int64)])
-        self._n_ids = len(ids)
 
     def encode(self, campaign_id: str, assay_id: str, version: int, ids: list[str], mean: np.ndarray,
                std: np.ndarray, t: int, tolerance: float, complete: bool = False) -> list[bytes]:

@@ -279,6 +279,7 @@ def worker() -> None:
     from faust.worker import Worker
 
     from labloop.streams.procs import STOP_GRACE_S, exit_after
+    from labloop.streams.worker import create_app
 
     class _StoppingWorker(Worker):  # type: ignore[misc]
         """Faust's worker, bounded in how long a stop may take (see :data:`STOP_GRACE_S`)."""
@@ -290,8 +291,6 @@ def worker() -> None:
         def _on_sigint(self) -> None:
             exit_after(STOP_GRACE_S, "worker")
             super()._on_sigint()
-
-    from labloop.streams.worker import create_app
 
     s = _settings()
     # The event loop needs a core of its own; fits share the rest (2 cores here: one thread).

@@ -83,7 +83,8 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.fit = Histogram("labloop_fit_seconds", "model update time: fit and pool scoring", buckets=_FIT_BUCKETS,
                              registry=self.registry)
-        self.predictions = Counter("labloop_predictions", "pool rows' predictions published (those that moved, see prediction_tolerance)", registry=self.registry)
+        self.predictions = Counter("labloop_predictions", "pool rows' predictions published (those that moved, "
+                                   "see prediction_tolerance)", registry=self.registry)
         self.dead_letters = Counter("labloop_dead_letters", "dead letters sent, by error class and stage",
                                     ["error_class", "stage"], registry=self.registry)
         self._snap = _Snapshot()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,6 @@ STOP_GRACE_S = 5.0
 def exit_after(grace_s: float, what: str) -> None:
     """Arm a timer that ends this process (exit status 0) if it is still running ``grace_s``
     from now, with a log line naming ``what``. Call it when a stop begins."""
-    import logging
-    import threading
 
     def end() -> None:
         logging.getLogger("labloop").warning(

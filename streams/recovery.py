@@ -123,8 +123,8 @@ def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str,
         try:
             # Only the topic's own schemas: a record of another (a CompoundRegistered sent to the
             # readings topic) was dead-lettered when it first arrived, and must not be replayed.
-            rec = codec.decode(m.value() or b"", expect=TOPICS[role_of[m.topic()]].schemas).record
-            by_role[role_of[m.topic()]].append((m, rec))
+            role = role_of[m.topic()]
+            by_role[role].append((m, codec.decode(m.value() or b"", expect=TOPICS[role].schemas).record))
         except LabloopError:
             continue  # dead-lettered when it was first processed
     for _, r in by_role["campaigns"]:

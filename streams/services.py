@@ -40,6 +40,7 @@ def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> None:
         else "waiting for the consumer group to assign partitions"), stale_s=30.0).start()
     log.warning("health and metrics on http://127.0.0.1:%d/metrics", health.port)
     snk.on_tick = health.tick
+
     def stop(*_: object) -> None:
         snk.stop()
         exit_after(STOP_GRACE_S, "sink")

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     backlog_fit_share: float = Field(0.25, gt=0, le=1, description="under a backlog, fits take at most this share of the time (1 = no pacing)")
     prediction_tolerance: float = Field(0.05, ge=0, le=1, description="a model version publishes the predictions that "
                                         "moved by more than this many of their sd since last published (0: every one that "
-                                        "changed); a campaign's final version publishes all that differ")
+                                        "changed); a finished campaign's final version publishes every one not yet published at it")
     model_process: bool = Field(True, description="fit in a child process (false: on a thread of the worker)")
     checkpoint_interval_s: float = Field(10.0, description="how often a worker checkpoints its campaigns (0 = never)")
     worker_id: str = Field("0", description="names this worker's checkpoint; a replacement reuses its predecessor's id")

@@ -233,9 +233,11 @@ class LabloopWorker:
         """On the model thread: update the learner, score the pool, encode the Prediction events."""
         assert rt.definition is not None
         pred = self.engine.fit(rt.campaign_id, update)
-        writer = self.prediction_writers.setdefault(rt.campaign_id, PredictionWriter(self.codec))
-        return pred, writer.encode(rt.campaign_id, rt.definition.objective_assay_id, version, rt.compound_ids,
+        return pred, self._writer(rt.campaign_id).encode(rt.campaign_id, rt.definition.objective_assay_id, version, rt.compound_ids,
                                    pred[0], pred[1], now_ms(), self.settings.prediction_tolerance)
+
+    def _writer(self, campaign_id: str) -> PredictionWriter:
+        return self.prediction_writers.setdefault(campaign_id, PredictionWriter(self.codec))
 
     def _final_predictions(self, rt: CampaignRuntime, events: list[Emit]) -> list[Raw]:
         """When ``events`` report the campaign done: the final model's predictions of every row not
@@ -247,7 +249,7 @@ class LabloopWorker:
         pred = rt.pool.current_prediction()
         if pred is None:
             return []
-        writer = self.prediction_writers.setdefault(rt.campaign_id, PredictionWriter(self.codec))
+        writer = self._writer(rt.campaign_id)
         raws = writer.encode(rt.campaign_id, rt.definition.objective_assay_id, rt.pool.model_version,
                              rt.compound_ids, pred[0], pred[1], now_ms(), 0.0, complete=True)
         self.metrics.predictions.inc(writer.last_rows)
@@ -301,7 +303,7 @@ class LabloopWorker:
                     t0 = time.perf_counter()
                     pred, raws = await loop.run_in_executor(self.model_pool, self._fit_and_encode, rt, update, version)
                     self.metrics.fit.observe(time.perf_counter() - t0)
-                    self.metrics.predictions.inc(self.prediction_writers[campaign_id].last_rows)
+                    self.metrics.predictions.inc(self._writer(campaign_id).last_rows)
                     async with lock:
                         events = engine.commit_update(campaign_id, update, pred, time.perf_counter() - t0, device)
                         assert rt.pool.model_version == version
