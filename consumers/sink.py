@@ -14,12 +14,14 @@ Fault injection is not a setting: a caller (a test, ``labloop bench faults``) pa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
@@ -32,6 +34,7 @@ from labloop.consumers.columns import Batch, Seen
 from labloop.consumers.errors import SinkError
 from labloop.consumers.health import Rate
 from labloop.consumers.kafka import make_consumer
+from labloop.consumers.plates import PLATE_CANONICAL, PlatePositions, decode_plate, warm_up
 from labloop.consumers.tables import SCHEMAS_OF_TOPIC, TABLE_OF_TOPIC, TABLES, Table
 from labloop.schemas import TOPICS, Codec, DecodeError
 
@@ -123,6 +126,13 @@ class ClickHouseSink:
         self.metrics = SinkMetrics()
         self._observed_at = 0.0
         self.on_tick: Callable[[], None] | None = None  # called every ~2 s from the loop (a health check's tick)
+        # One flush in flight on a thread while the loop reads on: chDB and pyarrow release the
+        # interpreter lock, so inserting overlaps decoding. Its offsets are committed by the loop
+        # once it is acknowledged, and the next flush waits for it: inserts land in offset order.
+        self._inserter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-sink-insert")
+        self._inflight: tuple[Future[dict[str, int]], dict[tuple[str, int], int]] | None = None
+        self._plates_topic = TOPICS["plates"].name
+        warm_up()
 
     def stop(self) -> None:
         self._stop.set()
@@ -154,22 +164,31 @@ class ClickHouseSink:
                     if self.exactly_once and off <= self._stored.get((table.name, topic, part), -1):
                         self.already_stored += 1  # inserted before a crash, its offset not yet committed
                         continue
-                    try:
-                        rec = self.codec.decode(m.value() or b"", expect=SCHEMAS_OF_TOPIC[topic]).record
-                    except DecodeError as exc:
-                        # The worker dead-letters its inputs; the sink only records that it skipped.
-                        self.skipped += 1
-                        log.warning("skipped %s[%d]@%d: %s", topic, part, off, exc)
-                        continue
+                    value = m.value() or b""
                     ts = m.timestamp()[1]
-                    batch = batches.setdefault(table.name, Batch(table, cluster))
-                    batch.add(rec, topic, part, off, ts, self.seen)
+                    wells = self._plate(value) if topic == self._plates_topic else None
+                    batch = batches.get(table.name)
+                    if batch is None:
+                        batch = batches[table.name] = Batch(table, cluster)
+                    if wells is not None:
+                        batch.add_plate(value, wells, topic, part, off, ts, self.seen)
+                    else:
+                        try:
+                            rec = self.codec.decode(value, expect=SCHEMAS_OF_TOPIC[topic]).record
+                        except DecodeError as exc:
+                            # The worker dead-letters its inputs; the sink only records that it skipped.
+                            self.skipped += 1
+                            log.warning("skipped %s[%d]@%d: %s", topic, part, off, exc)
+                            continue
+                        batch.add(rec, topic, part, off, ts, self.seen)
                     if batch.size >= self.batch_rows:
                         # One poll can hold 10,000 plates; flushing here keeps every insert below
                         # ClickHouse's max_insert_block_size, so it lands as one block (all or nothing),
                         # which is what resuming after the largest stored offset relies on.
                         self._flush(batches, offsets)
                         batches, offsets, last_flush = {}, {}, time.monotonic()
+                if self._inflight is not None and self._inflight[0].done():
+                    self._settle()
                 now = time.monotonic()
                 if now - self._observed_at >= 2.0:
                     self._observe(now)
@@ -180,8 +199,26 @@ class ClickHouseSink:
                     break
             if offsets:
                 self._flush(batches, offsets)
+            self._settle()
         finally:
+            if self._inflight is not None:  # stopping on an error: never commit what may not be stored
+                self._inflight[0].cancel()
+                with contextlib.suppress(Exception):
+                    self._inflight[0].result()
+                self._inflight = None
+            self._inserter.shutdown(wait=True)
             self.consumer.close()
+
+    def _plate(self, value: bytes) -> PlatePositions | None:
+        """A current-schema plate's wells, read without building a dict per well; None for
+        anything else (an older writer, a corrupt body), which the codec then decodes or names."""
+        try:
+            name, canonical, start = self.codec.writer(value)
+        except DecodeError:
+            return None
+        if name != "PlateReadout" or canonical != PLATE_CANONICAL:
+            return None
+        return decode_plate(value, start)
 
     def _observe(self, now: float) -> None:
         """Refresh what ``/metrics`` and ``/readyz`` report (on the sink's own thread)."""
@@ -206,6 +243,7 @@ class ClickHouseSink:
         committed only after the insert, and a crash in between re-reads rows already stored.
         """
         log.debug("assigned %d partition(s); loading what is already stored", len(partitions))
+        self._settle(rebalancing=True)  # what is stored includes the insert in flight
         if self.exactly_once:
             with self.lock:
                 for t in TABLES.values():
@@ -229,8 +267,36 @@ class ClickHouseSink:
         self.seen.add(t.name, (r[0] for r in rows) if len(cols) == 1 else (tuple(r) for r in rows))
 
     def _flush(self, batches: dict[str, Batch], offsets: dict[tuple[str, int], int]) -> None:
-        from confluent_kafka import TopicPartition
+        """Hand the batches to the inserter thread, after the flush before them has landed."""
+        self._settle()
+        self._inflight = (self._inserter.submit(self._insert, batches), offsets)
 
+    def _settle(self, rebalancing: bool = False) -> None:
+        """Wait for the flush in flight, then commit its offsets (raises what its insert raised).
+
+        ``rebalancing``: called from an assignment, when the group may refuse the commit of
+        partitions it just moved; the rows are stored either way, and the stored offsets read
+        back next tell this sink (or the new owner) where to resume."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        if self._inflight is None:
+            return
+        job, offsets = self._inflight
+        rows = job.result()
+        self._inflight = None
+        for table, n in rows.items():  # counted here, on the loop's thread, which also reads them
+            self.rows_inserted[table] += n
+        try:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
+        except KafkaException as exc:
+            if not rebalancing:
+                raise
+            log.warning("offsets of the last insert not committed during a rebalance (%s); its rows are stored", exc)
+        self.last_flush_at = time.perf_counter()
+
+    def _insert(self, batches: dict[str, Batch]) -> dict[str, int]:
+        """On the inserter thread: each table's batch as one insert; returns rows per table."""
+        rows: dict[str, int] = {}
         for b in batches.values():
             if not b.size:
                 continue
@@ -250,10 +316,9 @@ class ClickHouseSink:
             except ClickHouseError as exc:
                 raise SinkError(f"insert into {b.table.name} failed: {exc}") from exc
             self.metrics.insert.observe(time.perf_counter() - t0)
-            self.rows_inserted[b.table.name] += b.size
+            rows[b.table.name] = b.size
             if self.on_insert is not None:
                 self.on_insert(self._inserts, "after")
-        self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
-        self.last_flush_at = time.perf_counter()
+        return rows
 
 

@@ -20,10 +20,11 @@ from labloop.consumers.errors import SinkError
 from labloop.schemas import TOPICS
 from labloop.schemas.types import Record
 
-__all__ = ["redact", "sql_string", "PROVENANCE", "ROWS_OF_TOPIC", "SCHEMAS_OF_TOPIC", "TABLES", "TABLE_OF_TOPIC", "Columns", "Table", "connect", "table_ddl",
+__all__ = ["redact", "sql_string", "ONE_ROW", "PROVENANCE", "QUALIFIERS", "ROWS_OF_TOPIC", "SCHEMAS_OF_TOPIC", "TABLES", "TABLE_OF_TOPIC", "Columns", "Table", "connect", "table_ddl",
            "create_tables"]
 
 _QUAL = {"EQ": "=", "LT": "<", "GT": ">"}
+QUALIFIERS = list(_QUAL.values())  # the column's values, in the Qualifier enum's symbol order
 PROVENANCE = [("_cluster", "LowCardinality(String)"), ("_topic", "LowCardinality(String)"), ("_partition", "UInt16"),
                ("_offset", "UInt64")]
 
@@ -134,6 +135,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
 )}
 TABLE_OF_TOPIC = {t.name: TABLES[t.table] for t in TOPICS.values()}
 SCHEMAS_OF_TOPIC = {t.name: t.schemas for t in TOPICS.values()}
+#: The columnizers whose events are always one row, their values scalars (or one row's array).
+ONE_ROW: frozenset[Callable[[Record], Columns]] = frozenset({_same, _campaign, _reading})
 # Topics whose events become rows differently from their table's default (plates -> one row per well).
 ROWS_OF_TOPIC: dict[str, Callable[[Record], Columns]] = {TOPICS["plates"].name: _plate}
 

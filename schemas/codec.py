@@ -90,6 +90,7 @@ class _Schema:
     source: str  # the .avsc JSON text, as written
     parsed: Any  # fastavro-parsed, logical types stripped
     fingerprint: bytes  # 8 bytes, little-endian
+    canonical: str = ""  # the Parsing Canonical Form
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def _load(path: Path) -> _Schema:
         raise SchemaError(f"cannot load schema {path}: {exc}") from exc
     name = raw["name"] if "." in raw["name"] else f"{raw.get('namespace', '')}.{raw['name']}".lstrip(".")
     fp = struct.pack("<Q", crc64_avro(canonical.encode()))
-    return _Schema(name, path.read_text(), parsed, fp)
+    return _Schema(name, path.read_text(), parsed, fp, canonical)
 
 
 class Codec:
@@ -289,9 +290,22 @@ class Codec:
         short = raw["name"].rsplit(".", 1)[-1]
         if short not in self.current:
             raise UnknownSchema(f"schema id {sid} is {raw['name']!r}, not a labloop event")
-        s = _Schema(self.current[short].name, text, fastavro.parse_schema(_strip_logical(raw)), b"")
+        s = _Schema(self.current[short].name, text, fastavro.parse_schema(_strip_logical(raw)), b"",
+                    to_parsing_canonical_form(raw))
         self._by_id[sid] = s
         return s
+
+    def writer(self, data: bytes) -> tuple[str, str, int]:
+        """Who wrote one message value: the short record name, the Parsing Canonical Form of
+        the writer schema, and where the Avro body starts (what a specialised reader checks).
+
+        Raises:
+            UnknownFraming, UnknownSchema, TruncatedPayload (all :class:`DecodeError`).
+        """
+        if not data:
+            raise UnknownFraming("empty message")
+        writer, start, _ = self._writer_for(data)
+        return writer.name.rsplit(".", 1)[-1], writer.canonical, start
 
     def decode(self, data: bytes, expect: tuple[str, ...] | None = None) -> Decoded:
         """Decode one message value, either framing.

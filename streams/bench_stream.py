@@ -389,6 +389,7 @@ def run_stream_bench(settings: Settings, cfg: StreamBenchConfig, console: Consol
             sent = np.zeros(warm + n)
             lat_producer = make_producer(stack.kafka_config, **{"linger.ms": cfg.latency_linger_ms})
             t0 = time.perf_counter()
+            wall0 = time.time()  # the same instant on the wall clock: ModelUpdates carry wall-clock times
             for i in range(warm + n):
                 due = t0 + i / cfg.latency_rate
                 if i % 10 == 0:  # the monitor polls between sends; sleeping, not spinning, leaves the cores to the stack
@@ -421,6 +422,21 @@ def run_stream_bench(settings: Settings, cfg: StreamBenchConfig, console: Consol
             res["latency_p99_ms"] = float(np.percentile(lat[warm:], 99) * 1000)
             res["latency_warmup_p99_ms"] = float(np.percentile(lat[:warm], 99) * 1000) if warm else None
             res["latency_model_updates"] = len(versions)
+            # Where a reading's time to its ModelUpdate goes: waiting for the fit that takes it to start,
+            # that fit, and the update's way to this process (from its event time, stamped after the fit).
+            ups = sorted((r["n_readings"], t, t0 + r["event_time"] / 1000 - wall0, r["train_s"]) for t, r in mon.updates
+                         if r["campaign_id"] == lat_cid and r["n_new"] > 0)
+            j, stages = 0, []
+            for i in range(warm, warm + n):
+                while j < len(ups) and ups[j][0] < i + 1:
+                    j += 1
+                if j < len(ups):
+                    _, arrived, made, fit = ups[j]
+                    stages.append((made - fit - sent[i], fit, arrived - made))
+            if stages:
+                a = np.asarray(stages) * 1000
+                res["latency_stages_ms"] = {k: {"p50": float(np.percentile(a[:, c], 50)), "p99": float(np.percentile(a[:, c], 99))}
+                                            for c, k in enumerate(("to_fit_start", "fit", "update_delivery"))}
             secs = ((sent - t0) // 1).astype(int)  # where the slow readings are: max latency per second of the run
             res["latency_max_ms_by_second"] = [round(float(lat[secs == k].max()) * 1000) for k in range(int(secs.max()) + 1)]
             fits = [(t, r["train_s"], r["n_new"]) for t, r in mon.updates if r["campaign_id"] == lat_cid and r["n_new"] > 0]
@@ -468,6 +484,9 @@ def print_stream_bench(res: dict[str, Any], console: Console) -> None:
         console.print(f"  latency: warm-up p99 {res['latency_warmup_p99_ms'] or 0:.0f} ms; {res['latency_model_updates']} "
                       f"model updates, fit {res['latency_fit_s']['mean'] * 1000:.0f} ms mean, "
                       f"{res['latency_fit_s']['max'] * 1000:.0f} ms max.")
+    if "latency_stages_ms" in res:
+        console.print("  latency to the ModelUpdate, p50 / p99: " + "; ".join(
+            f"{k.replace('_', ' ')} {v['p50']:.0f} / {v['p99']:.0f} ms" for k, v in res["latency_stages_ms"].items()))
 
 
 if __name__ == "__main__":  # the bare Faust baseline runs in its own process

@@ -41,14 +41,18 @@ _OWN = ("proposals", "requests", "model_updates")
 
 def _read(c: Consumer, tps: list[TopicPartition], stops: dict[tuple[str, int], int] | None = None,
           idle_s: float = 1.0, stall_s: float = 20.0) -> list[Any]:
-    """Messages of ``tps`` from their offsets: up to ``stops`` (exclusive) where given, else until
-    nothing arrives for ``idle_s``. A partition that stops short of its stop offset for ``stall_s``
-    is reported, never silently cut."""
+    """Messages of ``tps`` from their offsets: up to ``stops`` (exclusive) where given, else to
+    each partition's high watermark and then until nothing arrives for ``idle_s`` (Tansu's high
+    watermarks can undercount; idleness alone ended a replay early when a restarted broker took
+    over a second to answer the first fetch, and the worker then issued requests again). A
+    partition that stops short of its stop offset for ``stall_s`` is reported, never silently cut."""
     if not tps:
         return []
     c.assign(tps)
     out: list[Any] = []
     want = {(tp.topic, tp.partition): stops[(tp.topic, tp.partition)] for tp in tps} if stops else {}
+    # Without stops: at least to the high watermark (a floor, given the undercount), then the idle tail.
+    floor = {} if stops else {(tp.topic, tp.partition): c.get_watermark_offsets(tp, timeout=30)[1] for tp in tps}
     pos: dict[tuple[str, int], int] = {(tp.topic, tp.partition): tp.offset for tp in tps}
     idle = time.monotonic()
     while True:
@@ -68,7 +72,11 @@ def _read(c: Consumer, tps: list[TopicPartition], stops: dict[tuple[str, int], i
                 short = {f"{t}[{p}]": (pos[(t, p)], stop) for (t, p), stop in want.items() if pos[(t, p)] < stop}
                 raise RecoveryError(f"replay stalled short of the committed offsets (at, want): {short}")
         elif time.monotonic() - idle > idle_s:
-            break
+            short = {f"{t}[{p}]": (pos[(t, p)], hw) for (t, p), hw in floor.items() if pos[(t, p)] < hw}
+            if not short:
+                break
+            if time.monotonic() - idle > stall_s:
+                raise RecoveryError(f"replay stalled short of the high watermarks (at, want): {short}")
     c.unassign()
     return out
 

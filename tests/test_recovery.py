@@ -131,3 +131,30 @@ def test_a_dead_model_process_takes_its_worker_down_and_the_replacement_fits(own
         mon.close()
         producer.close()
     assert learned > BUDGET  # the replacement fitted, on every reading so far
+
+
+def test_a_replay_without_stop_offsets_reads_at_least_to_the_high_watermarks(broker: Any) -> None:
+    """Idleness alone must not end a replay: with no idle time allowed at all, it still reads every
+    partition to its high watermark (a restarted durable broker once took over a second to answer
+    the first fetch, the replay ended with most requests unread, and they were issued again)."""
+    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from labloop.streams.recovery import _read
+
+    config = {"bootstrap.servers": broker.bootstrap}
+    admin = AdminClient(config)
+    for f in admin.create_topics([NewTopic("replay-floor", 3, 1)]).values():
+        f.result(30)
+    p = make_producer(config)
+    for i in range(30_000):  # more than one consume() call returns
+        p.produce("replay-floor", value=b"x" * 100, partition=i % 3)
+        p.poll(0)
+    p.flush(60)
+    c = Consumer({**config, "group.id": "replay-floor", "enable.auto.commit": False, "fetch.wait.max.ms": 20})
+    try:
+        got = _read(c, [TopicPartition("replay-floor", part, 0) for part in range(3)], idle_s=0.0)
+        highs = [c.get_watermark_offsets(TopicPartition("replay-floor", part), timeout=30)[1] for part in range(3)]
+    finally:
+        c.close()
+    assert sum(highs) > 10_000 and len(got) >= sum(highs), (len(got), highs)
