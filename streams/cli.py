@@ -311,7 +311,11 @@ def worker() -> None:
     if s.model_process:
         w.start_models(fit_threads)
     # A replacement worker first restores what its predecessor had applied (see streams/recovery.py).
-    rebuild(w.engine, _kafka(s), group, w.codec, w.spec, w.checkpoints, w.limits, s.max_plate_wells)
+    started = time.time()
+    restored = rebuild(w.engine, _kafka(s), group, w.codec, w.spec, w.checkpoints, w.limits, s.max_plate_wells)
+    # The checkpoint age /metrics reports from the start: that of the checkpoint restored, or with
+    # none, of this worker's state (unsaved since it started), not no series until the first one.
+    w.checkpoint_at = restored.get("checkpoint_written_at_ms", started * 1000) / 1000
     for cid in w.engine:  # the replay changed them since their snapshots: the next checkpoint re-writes them
         w.progress.touch(cid)
     w.adopt_all()

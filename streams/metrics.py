@@ -71,7 +71,7 @@ class _Snapshot(Collector):
         yield live
         age = d.get("checkpoint_age_s")
         if age is not None:
-            yield GaugeMetricFamily("labloop_checkpoint_age_seconds", "seconds since the last checkpoint was written",
+            yield GaugeMetricFamily("labloop_checkpoint_age_seconds", "seconds since the last checkpoint was written (or restored; since the worker started, before any)",
                                     value=age)
 
 

@@ -100,6 +100,7 @@ def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str,
     if ckpt is not None:
         floors = ckpt.floors
         stats["checkpointed_campaigns"] = len(ckpt.campaigns)
+        stats["checkpoint_written_at_ms"] = int(ckpt.written_at * 1000)
         log.warning("loaded checkpoint of %d campaign(s), %.1fs old", len(ckpt.campaigns), time.time() - ckpt.written_at)
     c = Consumer({**kafka_config, "group.id": group_id, "enable.auto.commit": False, "fetch.wait.max.ms": 20})
     try:
