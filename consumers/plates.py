@@ -49,7 +49,7 @@ def _long(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
             return 0, -1
         b = int(buf[pos])
         pos += 1
-        if shift == 63 and b > 1:
+        if shift == 63 and b > 1:  # the tenth byte may hold only the 64th bit
             return 0, -1
         acc |= (b & 0x7F) << shift
         if b < 0x80:
@@ -68,6 +68,8 @@ def _utf8_ok(buf: np.ndarray, start: int, stop: int) -> bool:
         if c < 0x80:
             i += 1
             continue
+        # n continuation bytes follow; the first must lie in [lo, hi], which rules out overlong
+        # forms (E0, F0), surrogates (ED) and code points past U+10FFFF (F4), as Python does.
         if 0xC2 <= c <= 0xDF:
             n, lo, hi = 1, 0x80, 0xBF
         elif c == 0xE0:
