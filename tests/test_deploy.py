@@ -40,6 +40,7 @@ def test_dockerfile_copies_every_package() -> None:
     for pkg in ("schemas", "models", "streams", "consumers", "data"):
         assert f"COPY {pkg} {pkg}" in text
     assert "torch==2.13.0" in text and 'ENTRYPOINT ["labloop"]' in text
+    assert "from labloop.consumers.plates import warm_up; warm_up()" in text  # compiled at build, not per start
 
 
 def test_compose_services_restart_check_their_health_and_keep_their_data() -> None:
