@@ -191,7 +191,6 @@ class Batch:
 
     def arrow(self) -> pa.Table:
         types = dict([*self.table.columns, *PROVENANCE])
-        schema = pa.schema([(n, _arrow_type(types[n])) for n in self.names])
         parts = []
         if self._listed or not (self._one or self._plates):
             parts.append(pa.table([c.arrow(n, types[n]) for n, c in zip(self.names, self.columns, strict=True)],
@@ -201,7 +200,7 @@ class Batch:
             parts.append(pa.table([_arrow_column(n, types[n], list(vs)) for n, vs in zip(self.names, columns, strict=True)],
                                   names=self.names))
         if self._plates:
-            parts.append(self._plates_arrow(schema))
+            parts.append(self._plates_arrow(pa.schema([(n, _arrow_type(types[n])) for n in self.names])))
         return parts[0] if len(parts) == 1 else pa.concat_tables([parts[0], *(t.cast(parts[0].schema) for t in parts[1:])])
 
     def _plates_arrow(self, schema: pa.Schema) -> pa.Table:
@@ -226,15 +225,18 @@ class Batch:
 
         qual = pa.DictionaryArray.from_arrays(np.concatenate([w.qualifiers for _, w, _, _ in self._plates]),
                                               pa.array(QUALIFIERS, pa.string())).cast(pa.string())
-        n = int(counts.sum())
+        zeros = np.zeros(int(counts.sum()), dtype=np.int32)
+
+        def same(v: str) -> pa.Array:  # one value on every row
+            return pa.array([v], pa.string()).take(zeros)
+
         cols: dict[str, pa.Array] = {
             "reading_id": strings(buf, strs[:, 0], strs[:, 1]), "compound_id": strings(buf, strs[:, 2], strs[:, 3]),
             "well": strings(buf, strs[:, 4], strs[:, 5]), "request_id": strings(buf, strs[:, 6], strs[:, 7]),
             "value": pa.array(np.concatenate([w.values for _, w, _, _ in self._plates])), "qualifier": qual,
             "plate_id": per_plate(0), "campaign_id": per_plate(1), "assay_id": per_plate(2), "unit": per_plate(3),
             "instrument_id": per_plate(4), "event_time": per_plate_ts(0), "ingest_time": per_plate_ts(1),
-            "_cluster": pa.array([self.cluster] * 1, pa.string()).take(np.zeros(n, dtype=np.int32)),
-            "_topic": pa.array([self._topic], pa.string()).take(np.zeros(n, dtype=np.int32)),
+            "_cluster": same(self.cluster), "_topic": same(self._topic or ""),
             "_partition": pa.array(np.repeat(np.asarray([p for _, _, p, _ in self._plates]), counts), pa.uint16()),
             "_offset": pa.array(np.repeat(np.asarray([o for _, _, _, o in self._plates]), counts), pa.uint64())}
         return pa.table([cols[f.name].cast(f.type) for f in schema], schema=schema)

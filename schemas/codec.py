@@ -263,6 +263,8 @@ class Codec:
         return head[:-1] + avro_long(n_items) + items + b"\x00" if n_items else head
 
     def _writer_for(self, data: bytes) -> tuple[_Schema, int, Framing]:
+        if not data:
+            raise UnknownFraming("empty message")
         if data[:2] == SINGLE_OBJECT_MAGIC:
             if len(data) < 10:
                 raise TruncatedPayload(f"single-object header needs 10 bytes, got {len(data)}")
@@ -302,8 +304,6 @@ class Codec:
         Raises:
             UnknownFraming, UnknownSchema, TruncatedPayload (all :class:`DecodeError`).
         """
-        if not data:
-            raise UnknownFraming("empty message")
         writer, start, _ = self._writer_for(data)
         return writer.name.rsplit(".", 1)[-1], writer.canonical, start
 
@@ -316,8 +316,6 @@ class Codec:
         Raises:
             UnknownFraming, UnknownSchema, TruncatedPayload, WrongSchema (all :class:`DecodeError`).
         """
-        if not data:
-            raise UnknownFraming("empty message")
         writer, start, framing = self._writer_for(data)
         short = writer.name.rsplit(".", 1)[-1]
         if expect is not None and short not in expect:

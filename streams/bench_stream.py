@@ -63,17 +63,17 @@ class StreamBenchConfig:
     phases: tuple[str, ...] = ("plates", "singles", "latency", "sink")
 
 
+def _including(n_readings: list[int], n: int) -> np.ndarray:
+    """Per reading ``i`` of ``n``: the index of the first model version (``n_readings`` of each,
+    sorted) that includes it, ``len(n_readings)`` if none does."""
+    return np.searchsorted(np.asarray(n_readings), np.arange(1, n + 1), side="left")
+
+
 def _latencies(versions: list[tuple[int, float]], sent: np.ndarray) -> np.ndarray:
     """Per reading ``i`` (sent at ``sent[i]``, perf_counter s): seconds until the first of
     ``versions`` (``(n_readings, arrival time)``, sorted) that includes it; inf if none does."""
-    lat = np.full(sent.shape[0], np.inf)
-    j = 0
-    for i in range(sent.shape[0]):
-        while j < len(versions) and versions[j][0] < i + 1:
-            j += 1
-        if j < len(versions):
-            lat[i] = versions[j][1] - sent[i]
-    return lat
+    at = np.append([t for _, t in versions], np.inf)
+    return at[_including([k for k, _ in versions], sent.shape[0])] - sent
 
 
 def _campaign(cid: str, pool: int, seed: int) -> dict[str, Any]:
@@ -426,15 +426,11 @@ def run_stream_bench(settings: Settings, cfg: StreamBenchConfig, console: Consol
             # that fit, and the update's way to this process (from its event time, stamped after the fit).
             ups = sorted((r["n_readings"], t, t0 + r["event_time"] / 1000 - wall0, r["train_s"]) for t, r in mon.updates
                          if r["campaign_id"] == lat_cid and r["n_new"] > 0)
-            j, stages = 0, []
-            for i in range(warm, warm + n):
-                while j < len(ups) and ups[j][0] < i + 1:
-                    j += 1
-                if j < len(ups):
-                    _, arrived, made, fit = ups[j]
-                    stages.append((made - fit - sent[i], fit, arrived - made))
-            if stages:
-                a = np.asarray(stages) * 1000
+            idx = _including([u[0] for u in ups], warm + n)[warm:]
+            ok = idx < len(ups)
+            if ok.any():
+                arrived, made, fit = (np.asarray([u[k] for u in ups])[idx[ok]] for k in (1, 2, 3))
+                a = np.column_stack([made - fit - sent[warm:][ok], fit, arrived - made]) * 1000
                 res["latency_stages_ms"] = {k: {"p50": float(np.percentile(a[:, c], 50)), "p99": float(np.percentile(a[:, c], 99))}
                                             for c, k in enumerate(("to_fit_start", "fit", "update_delivery"))}
             secs = ((sent - t0) // 1).astype(int)  # where the slow readings are: max latency per second of the run

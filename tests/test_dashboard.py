@@ -89,6 +89,7 @@ def _until(check: Any, what: str, timeout_s: float = 90) -> Any:
 def test_the_dashboard_shows_a_campaign_and_approves_in_a_real_browser(
         stack: Stack, codec: Codec, ch: Any, define_campaign: Any, dashboard: str, browser: Any) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     spec = CampaignSpec(CID, "tpsa", "A^2", batch_size=6, init_size=6, budget=18, min_pool_size=300, seed=2,
                         request_ttl_s=600.0, approval=True)
@@ -126,6 +127,8 @@ def test_the_dashboard_shows_a_campaign_and_approves_in_a_real_browser(
         form = browser.find_element(By.XPATH, f"//form[@class='approve'][input[@name='request_id' and @value='{target}']]")
         form.find_element(By.NAME, "by").send_keys("dana")
         form.find_element(By.TAG_NAME, "button").click()
+        # The click returns before the browser has followed the form's redirect: wait for it.
+        WebDriverWait(browser, 15).until(lambda b: f"decided={target}" in b.current_url)
         assert f"decided={target}" in browser.current_url
         victim = second[1]["request_id"]
         form = browser.find_element(By.XPATH, f"//form[@class='reject'][input[@name='request_id' and @value='{victim}']]")
