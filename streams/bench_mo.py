@@ -11,6 +11,11 @@ dependency). Measures, per round:
   from a reference point that only the best ``1 - Q`` of the pool pass in each objective;
 * ``top_layers_found_pct``: % of the pool's first non-dominated layers (of feasible compounds,
   as many layers as it takes to hold ``top_k``) that were acquired.
+
+With ``history`` (``--history``), the CSV's other rows, those that measure some but not all of
+the columns, stand for a lab's earlier measurements: before the first round every model (and the
+reference's) learns the values of its column there. They are never candidates nor counted in
+the measures; a row whose SMILES is also in the pool is left out, so no pool value leaks in.
 """
 
 from __future__ import annotations
@@ -52,21 +57,31 @@ class MOConfig:
     diversity: float = 0.0
     reference: str | None = None  # "botorch"
     device: str | None = None
+    history: bool = False  # models first learn the partly measured rows outside the pool
 
 
 @dataclass
 class MOPool:
-    """The usable rows: SMILES, ``n x d`` features, and ``n x c`` values per column name."""
+    """The usable rows: SMILES, ``n x d`` features, and ``n x c`` values per column name; with
+    history, ``h x d`` features of the partly measured rows and their values (NaN: not measured)."""
 
     smiles: list[str]
     X: np.ndarray
     values: dict[str, np.ndarray]
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    X_history: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    history: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def history_counts(self) -> dict[str, int]:
+        """Per column: the history rows that measure it."""
+        return {c: int(np.isfinite(v).sum()) for c, v in self.history.items()}
 
 
-def load_mo_csv(path: Path, smiles_col: str, columns: Sequence[str]) -> MOPool:
+def load_mo_csv(path: Path, smiles_col: str, columns: Sequence[str], history: bool = False) -> MOPool:
     """Rows with every one of ``columns`` numeric and a SMILES RDKit parses; the rest are counted.
-    ``smiles_col`` matches a column of another case when exactly one does (``SMILES``).
+    ``smiles_col`` matches a column of another case when exactly one does (``SMILES``). With
+    ``history``, rows with some of ``columns`` numeric (and a SMILES not in the pool) are kept
+    apart as :attr:`MOPool.history`.
 
     Raises:
         BenchInputError: a column missing from the file, or no usable row.
@@ -75,6 +90,7 @@ def load_mo_csv(path: Path, smiles_col: str, columns: Sequence[str]) -> MOPool:
     rows: list[list[float]] = []
     lines: list[int] = []
     skipped: list[tuple[int, str]] = []
+    partial: list[tuple[str, list[float]]] = []
     with open_text(path) as fh:
         reader = csv.DictReader(fh)
         names = reader.fieldnames or []
@@ -94,6 +110,8 @@ def load_mo_csv(path: Path, smiles_col: str, columns: Sequence[str]) -> MOPool:
                 vals.append(v)
             if not all(math.isfinite(v) for v in vals):
                 skipped.append((reader.line_num, "a value missing"))
+                if history and any(math.isfinite(v) for v in vals):
+                    partial.append(((row[smiles_col] or "").strip(), vals))
                 continue
             smiles.append((row[smiles_col] or "").strip())
             rows.append(vals)
@@ -104,8 +122,17 @@ def load_mo_csv(path: Path, smiles_col: str, columns: Sequence[str]) -> MOPool:
     if not ok:
         raise BenchInputError(f"{path}: no row has every column of {list(columns)} and a valid SMILES")
     Y = np.asarray(rows, dtype=np.float64)[ok]
-    return MOPool([smiles[i] for i in ok], featurize_mols(mols, FeatureSpec()),
+    pool = MOPool([smiles[i] for i in ok], featurize_mols(mols, FeatureSpec()),
                   {c: Y[:, j] for j, c in enumerate(columns)}, skipped)
+    in_pool = set(pool.smiles)
+    partial = [(smi, v) for smi, v in partial if smi not in in_pool]  # the same compound would leak its value
+    if partial:
+        h_mols, h_ok, _ = parse_many([smi for smi, _ in partial])  # unparsable history rows are already counted
+        if h_ok:
+            H = np.asarray([partial[i][1] for i in h_ok], dtype=np.float64)
+            pool.X_history = featurize_mols(h_mols, FeatureSpec())
+            pool.history = {c: H[:, j] for j, c in enumerate(columns)}
+    return pool
 
 
 class _Truth:
@@ -144,13 +171,20 @@ def _labloop_seed(pool: MOPool, cfg: MOConfig, truth: _Truth, seed: int, targets
     n = len(pool.smiles)
     cols = [c for c, _ in cfg.objectives] + [c.column for c in cfg.constraints]
     learners = {c: make_learner(cfg.learner, device=cfg.device) for c in cols}
+    X = pool.X
+    if cfg.history and pool.history:  # rows n.. of X are the history: learned once, never candidates
+        X = np.vstack([pool.X, pool.X_history])
+        for c in cols:
+            h = np.flatnonzero(np.isfinite(pool.history[c]))
+            if h.size:
+                learners[c].update_from_pool(X, pool.history[c][h], (n + h).astype(np.int64))
     acquired = rng.choice(n, targets[0], replace=False)
     learned = 0
     out = [{"n_acquired": float(acquired.size), **truth.measure(acquired)}]
     for t in targets[1:]:
         new = acquired[learned:]
         for c in cols:  # online: each learner sees only the new results of its assay
-            learners[c].update_from_pool(pool.X, pool.values[c][new], new.astype(np.int64))
+            learners[c].update_from_pool(X, pool.values[c][new], new.astype(np.int64))
         learned = acquired.size
         preds = {c: learners[c].predict(pool.X) for c in cols}
         mean = to_min(np.column_stack([preds[c][0] for c, _ in cfg.objectives]), [m for _, m in cfg.objectives])
@@ -218,7 +252,7 @@ def run_mo_bench(pool: MOPool, cfg: MOConfig, console: Console | None = None,
             "top_layer_compounds": int(truth.top.size),
             "protocol": {"init_frac": cfg.init_frac, "batch_frac": cfg.batch_frac, "rounds": cfg.rounds,
                          "seeds": cfg.seeds, "learner": cfg.learner, "acquisition": "parego", "beta": cfg.beta,
-                         "diversity": cfg.diversity},
+                         "diversity": cfg.diversity, "history": pool.history_counts() if cfg.history else None},
             "hv_ratio": last["hv_ratio"], "top_layers_found_pct": last["top_layers_found_pct"],
             "random": last["random"], "reference": ({"name": cfg.reference, **last["reference"]} if ref_rounds else None),
             "per_round": per_round, "wall_s": round(time.perf_counter() - t0, 2)}

@@ -48,12 +48,19 @@ def botorch_seed(pool: Any, cfg: Any, truth: Any, seed: int, targets: list[int])
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)  # the same initial design as labloop's run of this seed
     n = len(pool.smiles)
-    X = torch.tensor(pool.X / max(1.0, float(pool.X.max())), dtype=torch.float64)
+    hist = bool(cfg.history and pool.history)
+    X_all = np.vstack([pool.X, pool.X_history]) if hist else pool.X  # rows n.. : the history (labloop's, too)
+    X = torch.tensor(X_all / max(1.0, float(X_all.max())), dtype=torch.float64)
     m = len(cfg.objectives)
     cols = [c for c, _ in cfg.objectives] + [c.column for c in cfg.constraints]
     # BoTorch maximizes: objectives in maximization space (minimized ones negated), constraints raw.
-    Y = np.column_stack([pool.values[c] * (1.0 if mx else -1.0) for c, mx in cfg.objectives]
-                        + [pool.values[c.column] for c in cfg.constraints])
+    def column(c: str) -> np.ndarray:
+        return np.concatenate([pool.values[c], pool.history[c]]) if hist else pool.values[c]
+
+    Y = np.column_stack([column(c) * (1.0 if mx else -1.0) for c, mx in cfg.objectives]
+                        + [column(c.column) for c in cfg.constraints])
+    # Per column, the history rows that measure it: trained on with every round's acquisitions.
+    known = [np.flatnonzero(np.isfinite(Y[n:, j])) + n for j in range(Y.shape[1])]
     Yt = torch.tensor(Y, dtype=torch.float64)
     acquired = rng.choice(n, targets[0], replace=False)
     out = [{"n_acquired": float(acquired.size), **truth.measure(acquired)}]
@@ -64,7 +71,8 @@ def botorch_seed(pool: Any, cfg: Any, truth: Any, seed: int, targets: list[int])
     constraints: list[Any] = [feasible_at_most_zero(m + k, c.bound, c.upper) for k, c in enumerate(cfg.constraints)]
     for t in targets[1:]:
         idx = torch.tensor(acquired, dtype=torch.long)
-        models = [SingleTaskGP(X[idx], Yt[idx, j : j + 1], outcome_transform=Standardize(m=1)) for j in range(len(cols))]
+        train = [torch.cat([idx, torch.tensor(known[j], dtype=torch.long)]) for j in range(len(cols))]
+        models = [SingleTaskGP(X[tr], Yt[tr, j : j + 1], outcome_transform=Standardize(m=1)) for j, tr in enumerate(train)]
         model = ModelListGP(*models)
         fit_gpytorch_mll(SumMarginalLogLikelihood(model.likelihood, model))
         cand = np.setdiff1d(np.arange(n), acquired)

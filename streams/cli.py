@@ -880,6 +880,8 @@ def bench_mo(
     diversity: Annotated[float, typer.Option(min=0.0, max=1.0, help="penalty on Tanimoto similarity to the "
                                                                     "batch's earlier picks (0 = none)")] = 0.0,
     reference: Annotated[str | None, typer.Option(help="botorch: BoTorch qNEHVI beside labloop (pip install botorch)")] = None,
+    history: Annotated[bool, typer.Option(help="models first learn the CSV's partly measured rows outside the "
+                                                "pool (a lab's earlier measurements); never candidates")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
 ) -> None:
@@ -906,11 +908,13 @@ def bench_mo(
     elif reference is not None:
         raise typer.BadParameter(f"unknown --reference {reference!r}; known: botorch")
     cfg = MOConfig(tuple(objs), cons, ref_quantile, top_k, init_frac, batch_frac, rounds, seeds, beta=beta,
-                   diversity=diversity, reference=reference, device=None if device == "auto" else device)
+                   diversity=diversity, reference=reference, device=None if device == "auto" else device,
+                   history=history)
     cols = list(dict.fromkeys([c for c, _ in objs] + [c.column for c in cons]))
-    pool = load_mo_csv(csv_path, smiles_col, cols)
+    pool = load_mo_csv(csv_path, smiles_col, cols, history=history)
     console.print(f"[bold]bench mo[/]: {csv_path.name}, {len(pool.smiles)} compounds with every column "
-                  f"({len(pool.skipped)} rows skipped)")
+                  f"({len(pool.skipped)} rows skipped)"
+                  + (f"; history rows per column: {pool.history_counts()}" if history else ""))
     res = run_mo_bench(pool, cfg, console, ref_fn)
     print_mo(res, console)
     if report:

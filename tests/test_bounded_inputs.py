@@ -207,20 +207,23 @@ def test_a_molecule_that_outruns_the_time_bound_is_rejected_and_the_others_pass(
     slow = _grid_smiles(60)
     batch = ["CCO", slow, "c1ccccc1O", "not a smiles"]
 
-    async def run() -> tuple[list[int], list[Any], Any, float]:
-        await pool.featurize(["C"])  # the child's start (imports RDKit and torch) is not the bound's
+    async def run() -> tuple[list[int], list[Any], Any, float, float]:
+        t0 = time.monotonic()
+        await pool.featurize(["C"])  # the child's start (imports RDKit and torch), timed on this machine
+        start_s = time.monotonic() - t0
         t0 = time.monotonic()
         ok, errors, X = await pool.featurize(batch)
-        return ok, errors, X, time.monotonic() - t0
+        return ok, errors, X, time.monotonic() - t0, start_s
 
     try:
-        ok, errors, X, took = asyncio.run(run())
+        ok, errors, X, took, start_s = asyncio.run(run())
     finally:
         pool.close()
     assert ok == [0, 2] and X.shape == (2, FeatureSpec().n_bits) and X.sum() > 0
     assert [e.smiles for e in errors] == [slow, "not a smiles"]
     assert "longer than 1 s" in errors[0].reason
     assert pool.killed == 2  # the batch's child, then the slow molecule's
-    # Bound: the batch's timeout, the slow molecule's own, and two child starts (about 1 s each here).
-    print(f"4 molecules, one pathological: {took:.1f} s")
-    assert took < 2 * timeout_s + 2 * 3.0
+    # Bound: the batch's timeout, the slow molecule's own, and two child starts, each allowed twice the
+    # first one measured (1 s on an idle 2-core machine, 3 s on a loaded one) and at least 3 s.
+    print(f"4 molecules, one pathological: {took:.1f} s (a child start: {start_s:.1f} s)")
+    assert took < 2 * timeout_s + 2 * max(3.0, 2 * start_s)

@@ -76,3 +76,28 @@ def test_bench_mo_names_a_bad_objective(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "labloop.streams.cli", "bench", "mo", "--csv", str(ADME),
                           "--objective", "nope:sideways"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "COL:min or COL:max" in out.stderr
+
+
+def test_history_rows_train_the_models_but_are_never_candidates(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from labloop.streams.bench_mo import MOConfig, load_mo_csv, run_mo_bench
+
+    csv = tmp_path / "h.csv"
+    rows = ["smiles,a,b", "CCO,1,2", "CCN,2,1", "CCC,3,3", "c1ccccc1,0.5,0.5",
+            "CCCl,,4", "CCBr,5,", "CCO,9,", "CCI,,", "not a smiles,1,"]  # partial, partial, a pool compound, none, bad
+    csv.write_text("\n".join(rows) + "\n")
+    pool = load_mo_csv(csv, "smiles", ["a", "b"], history=True)
+    assert pool.smiles == ["CCO", "CCN", "CCC", "c1ccccc1"]
+    assert pool.X_history.shape[0] == 2 and pool.history_counts() == {"a": 1, "b": 1}  # CCO's 9 would leak its value
+    assert np.isnan(pool.history["a"][0]) and pool.history["b"][0] == 4.0
+    assert load_mo_csv(csv, "smiles", ["a", "b"]).history == {}  # off by default
+    # On the ADME set the history changes what is picked (the models learned from it), not the pool.
+    objs = ((HLM, False), (MDR1, False), (SOL, True))
+    adme = load_mo_csv(ADME, "SMILES", [HLM, MDR1, SOL], history=True)
+    assert len(adme.smiles) == 1537 and adme.history_counts() == {HLM: 1550, MDR1: 1105, SOL: 636}
+    quiet = Console(quiet=True)
+    runs = [run_mo_bench(adme, MOConfig(objs, rounds=1, seeds=1, history=h), quiet) for h in (False, True)]
+    assert runs[0]["pool_size"] == runs[1]["pool_size"] == 1537
+    assert runs[1]["protocol"]["history"] == adme.history_counts() and runs[0]["protocol"]["history"] is None
+    assert runs[0]["per_round"][-1]["hv_ratio"] != runs[1]["per_round"][-1]["hv_ratio"]
