@@ -12,10 +12,10 @@ dependency). Measures, per round:
 * ``top_layers_found_pct``: % of the pool's first non-dominated layers (of feasible compounds,
   as many layers as it takes to hold ``top_k``) that were acquired.
 
-With ``history`` (``--history``), the CSV's other rows, those that measure some but not all of
-the columns, stand for a lab's earlier measurements: before the first round every model (and the
-reference's) learns the values of its column there. They are never candidates nor counted in
-the measures; a row whose SMILES is also in the pool is left out, so no pool value leaks in.
+With a history (``load_mo_csv(history=True)``, ``--history``), the CSV's other rows, those that
+measure some but not all of the columns, stand for a lab's earlier measurements: before the
+first round every model (and the reference's) learns the values of its column there. They are
+never candidates nor counted in the measures; a row whose SMILES is also in the pool is left out, so no pool value leaks in.
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ class MOConfig:
     diversity: float = 0.0
     reference: str | None = None  # "botorch"
     device: str | None = None
-    history: bool = False  # models first learn the partly measured rows outside the pool
 
 
 @dataclass
@@ -172,7 +171,7 @@ def _labloop_seed(pool: MOPool, cfg: MOConfig, truth: _Truth, seed: int, targets
     cols = [c for c, _ in cfg.objectives] + [c.column for c in cfg.constraints]
     learners = {c: make_learner(cfg.learner, device=cfg.device) for c in cols}
     X = pool.X
-    if cfg.history and pool.history:  # rows n.. of X are the history: learned once, never candidates
+    if pool.history:  # rows n.. of X are the history: learned once, never candidates
         X = np.vstack([pool.X, pool.X_history])
         for c in cols:
             h = np.flatnonzero(np.isfinite(pool.history[c]))
@@ -252,7 +251,7 @@ def run_mo_bench(pool: MOPool, cfg: MOConfig, console: Console | None = None,
             "top_layer_compounds": int(truth.top.size),
             "protocol": {"init_frac": cfg.init_frac, "batch_frac": cfg.batch_frac, "rounds": cfg.rounds,
                          "seeds": cfg.seeds, "learner": cfg.learner, "acquisition": "parego", "beta": cfg.beta,
-                         "diversity": cfg.diversity, "history": pool.history_counts() if cfg.history else None},
+                         "diversity": cfg.diversity, "history": pool.history_counts() if pool.history else None},
             "hv_ratio": last["hv_ratio"], "top_layers_found_pct": last["top_layers_found_pct"],
             "random": last["random"], "reference": ({"name": cfg.reference, **last["reference"]} if ref_rounds else None),
             "per_round": per_round, "wall_s": round(time.perf_counter() - t0, 2)}

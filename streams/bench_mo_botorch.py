@@ -48,7 +48,7 @@ def botorch_seed(pool: Any, cfg: Any, truth: Any, seed: int, targets: list[int])
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)  # the same initial design as labloop's run of this seed
     n = len(pool.smiles)
-    hist = bool(cfg.history and pool.history)
+    hist = bool(pool.history)
     X_all = np.vstack([pool.X, pool.X_history]) if hist else pool.X  # rows n.. : the history (labloop's, too)
     X = torch.tensor(X_all / max(1.0, float(X_all.max())), dtype=torch.float64)
     m = len(cfg.objectives)

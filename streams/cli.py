@@ -908,8 +908,7 @@ def bench_mo(
     elif reference is not None:
         raise typer.BadParameter(f"unknown --reference {reference!r}; known: botorch")
     cfg = MOConfig(tuple(objs), cons, ref_quantile, top_k, init_frac, batch_frac, rounds, seeds, beta=beta,
-                   diversity=diversity, reference=reference, device=None if device == "auto" else device,
-                   history=history)
+                   diversity=diversity, reference=reference, device=None if device == "auto" else device)
     cols = list(dict.fromkeys([c for c, _ in objs] + [c.column for c in cons]))
     pool = load_mo_csv(csv_path, smiles_col, cols, history=history)
     console.print(f"[bold]bench mo[/]: {csv_path.name}, {len(pool.smiles)} compounds with every column "

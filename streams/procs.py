@@ -10,13 +10,14 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from labloop.schemas import LabloopError
 
-__all__ = ["STOP_GRACE_S", "RuntimeFailure", "die_with_parent", "exit_after", "free_port", "port_in_use", "spawn",
-           "wait_for_port"]
+__all__ = ["STOP_GRACE_S", "RuntimeFailure", "StopSignal", "die_with_parent", "exit_after", "free_port", "port_in_use",
+           "spawn", "wait_for_port"]
 
 
 class RuntimeFailure(LabloopError):
@@ -44,6 +45,50 @@ def exit_after(grace_s: float, what: str) -> None:
     t = threading.Timer(grace_s, end)
     t.daemon = True
     t.start()
+
+
+class StopSignal:
+    """SIGTERM handled on a thread of its own, so that a stop never waits for the main thread.
+
+    Python runs a signal handler only when the main thread next executes Python code; a main
+    thread inside a long C call (a synchronous offset commit to a broker that stopped answering
+    waits out the request timeout, a minute) would hold the stop back that long. Here the
+    signal's number reaches a pipe (:func:`signal.set_wakeup_fd`, written by the C-level handler
+    from whichever thread the kernel picks) and a daemon thread reads it: it calls what
+    :meth:`arm` gave and ends the process ``grace_s`` later if it still runs (:func:`exit_after`).
+    Before :meth:`arm`, while the service starts, SIGTERM ends the process at once (status 0):
+    nothing has been read yet that a restart would not read again.
+
+    Construct it on the main thread, first thing in the service. Ctrl-C keeps Python's default
+    (KeyboardInterrupt in the main thread).
+    """
+
+    def __init__(self, what: str, grace_s: float = STOP_GRACE_S) -> None:
+        self.what, self.grace_s = what, grace_s
+        self._stop: Callable[[], None] | None = None
+        self._r, w = os.pipe()
+        os.set_blocking(w, False)  # the C handler must never block on it
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, lambda *_: None)  # a Python-level handler, so the C one writes the pipe
+        threading.Thread(target=self._watch, name=f"labloop-{what}-sigterm", daemon=True).start()
+
+    def arm(self, stop: Callable[[], None]) -> None:
+        """From now on SIGTERM calls ``stop()`` (which must return quickly) and the grace timer."""
+        self._stop = stop
+
+    def _watch(self) -> None:
+        while True:
+            got = os.read(self._r, 64)
+            if int(signal.SIGTERM) in got:
+                break
+        log = logging.getLogger("labloop")
+        if self._stop is None:
+            log.warning("%s: stopped while starting", self.what)
+            logging.shutdown()
+            os._exit(0)
+        log.info("%s: stopping (SIGTERM)", self.what)
+        exit_after(self.grace_s, self.what)
+        self._stop()
 
 
 _PR_SET_PDEATHSIG = 1

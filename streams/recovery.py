@@ -3,7 +3,8 @@
 A worker keeps campaigns in memory and checkpoints them (:mod:`labloop.streams.checkpoint`).
 Its replacement (after a crash or a restart) loads the checkpoint, then reads each
 input partition from the checkpoint's floor (from the start where there is no
-checkpoint) up to the offsets its consumer group committed, plus everything it ever
+checkpoint) up to the offsets its consumer group committed (definitions and compounds
+to their end: the requests were drawn from them), plus everything it ever
 published on the requests and model-updates topics, and applies them without
 emitting anything. Faust then resumes at the committed offsets. Every handler is
 idempotent (compounds by id, readings by ``reading_id``, statuses by request state),
@@ -36,6 +37,8 @@ log = logging.getLogger("labloop.recovery")
 class RecoveryError(LabloopError):
     """The input topics could not be replayed up to the committed offsets."""
 _INPUTS = ("campaigns", "compounds", "readings", "plates", "status", "decisions")
+# What the issued requests are built on: read to the end, past the committed offsets (see rebuild).
+_TO_END = ("campaigns", "compounds")
 _OWN = ("proposals", "requests", "model_updates")
 
 
@@ -113,15 +116,19 @@ def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str,
         if not committed and ckpt is None and not own:
             return dict(stats)  # a fresh group with no predecessor: nothing was processed before, nothing to rebuild
         # Explicit offsets avoid ListOffsets round trips; the group is not joined.
-        starts = {tp: floors.get(tp, 0) for tp in committed}
-        inputs = _read(c, [TopicPartition(t, p, o) for (t, p), o in starts.items() if o < committed[(t, p)]], committed)
+        to_end = {TOPICS[r].name for r in _TO_END}
+        starts = {tp: floors.get(tp, 0) for tp in committed if tp[0] not in to_end}
+        inputs = _read(c, [TopicPartition(t, p, o) for (t, p), o in starts.items() if o < committed[(t, p)]],
+                       {tp: committed[tp] for tp in starts})
         inputs = [m for m in inputs if m.offset() < committed[(m.topic(), m.partition())]]
-        # A partition with nothing committed (a predecessor killed before its first commit) is read to
-        # its end too: Faust will consume it again from the start, harmlessly, but the campaigns and
-        # pools must be known before the requests they issued are re-adopted below, or the requests'
-        # statuses would be refused and their ids issued again.
+        # Definitions and compounds are read to their end, whatever was committed; so is any partition
+        # with nothing committed (a predecessor killed before its first commit). The campaigns and pools
+        # must be known before the requests they issued are re-adopted below, or those requests and
+        # their statuses are refused and their ids issued again: Faust commits every few seconds, and a
+        # worker stopped just after a pool filled had issued requests from compounds past its commit.
+        # Registering them here emits nothing; Faust consumes them again, idempotently.
         fresh = [TopicPartition(TOPICS[r].name, p, floors.get((TOPICS[r].name, p), 0)) for r in _INPUTS
-                 for p in range(TOPICS[r].partitions) if (TOPICS[r].name, p) not in committed]
+                 for p in range(TOPICS[r].partitions) if r in _TO_END or (TOPICS[r].name, p) not in committed]
         inputs += _read(c, fresh)
     finally:
         c.close()

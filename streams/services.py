@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import signal
 
 from labloop.consumers import ClickHouseSink, HttpBridge, connect, create_tables
 from labloop.consumers.health import HealthServer
 from labloop.consumers.kafka import check_broker
 from labloop.consumers.sink import InsertHook
-from labloop.streams.procs import STOP_GRACE_S, exit_after
+from labloop.streams.procs import StopSignal
 from labloop.streams.runtime import RuntimeFailure
 from labloop.streams.settings import Settings
 
@@ -24,6 +23,7 @@ def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> None:
     if settings.embedded_kafka:
         raise RuntimeFailure("the sink needs a broker: set LABLOOP_KAFKA_BOOTSTRAP (`labloop up` does)")
     s = settings
+    sigterm = StopSignal("sink")  # first: a stop during the start below must not wait for it either
     check_broker(s.kafka_config(), 30)  # wrong credentials: a named error now, not reconnects forever
     client = connect(s.clickhouse_target, s.clickhouse_database)
     create_tables(client, cluster=s.clickhouse_cluster)
@@ -41,11 +41,7 @@ def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> None:
     log.warning("health and metrics on http://127.0.0.1:%d/metrics", health.port)
     snk.on_tick = health.tick
 
-    def stop(*_: object) -> None:
-        snk.stop()
-        exit_after(STOP_GRACE_S, "sink")
-
-    signal.signal(signal.SIGTERM, stop)
+    sigterm.arm(snk.stop)
     try:
         snk.run()
     except KeyboardInterrupt:

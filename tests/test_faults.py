@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from labloop.consumers import connect
 from labloop.consumers.kafka import make_producer
 from labloop.schemas import TOPICS, Codec
 from labloop.streams.bench_stream import _plates
+from labloop.streams.procs import STOP_GRACE_S
 from labloop.streams.runtime import EmbeddedBroker, ensure_topics, free_port
 
 N_PLATES, MORE, PLATE = 120, 40, 384
@@ -54,6 +57,22 @@ def _sink(broker: EmbeddedBroker, data: Path, port: int, *faults: str, **env: st
     module = "labloop.streams.faults" if faults else "labloop.streams.cli"
     return subprocess.Popen([sys.executable, "-m", module, "sink", *faults], env=e, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+
+
+def _stored(data: Path, port: int, timeout_s: float) -> int:
+    """Readings the sink serving ``port`` has stored, once it is more than none (0 at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            password = json.loads((data / "credentials.json").read_text())["analyst"]
+            n = int(connect(f"http://analyst:{password}@127.0.0.1:{port}/labloop")
+                    .query("SELECT count() FROM readings").result_rows[0][0])
+            if n:
+                return n
+        except Exception:  # the sink is still starting
+            pass
+        time.sleep(0.3)
+    return 0
 
 
 def _crash_then_recover(broker: EmbeddedBroker, tmp_path: Path, want: int, **env: str) -> tuple[int, int]:
@@ -98,3 +117,48 @@ def test_negative_control_without_exactly_once_sees_duplicates(backlog: tuple[Em
     n, distinct = _crash_then_recover(broker, tmp_path, want, sink_exactly_once="false")
     total = want + MORE * PLATE
     assert distinct == total and n > total  # what was inserted before the crash was stored again
+
+
+def test_a_sink_stops_within_its_grace_while_the_broker_is_frozen(codec: Codec, tmp_path: Path) -> None:
+    """SIGTERM reaches a sink whose main thread waits in a synchronous offset commit to a broker
+    that stopped answering (SIGSTOP): it exits after STOP_GRACE_S, not after the commit's
+    request timeout (a minute), which is what Python's main-thread signal handling gave."""
+    with EmbeddedBroker() as broker:
+        ensure_topics({"bootstrap.servers": broker.bootstrap})
+        feeding = threading.Event()
+        feeding.set()
+
+        def feed() -> None:  # a steady flow, so that an insert's commit is always about to be sent
+            p = make_producer({"bootstrap.servers": broker.bootstrap})
+            pools, k = {"s0": ["C"] * 100}, 0
+            while feeding.is_set():
+                for cid, raw in _plates(codec, pools, 4 * PLATE, PLATE, np.random.default_rng(k), f"s{k}")[0]:
+                    p.produce(TOPICS["plates"].name, key=cid.encode(), value=raw)
+                p.poll(0)
+                k += 1
+                time.sleep(0.05)
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        port = free_port()
+        sink = _sink(broker, tmp_path, port)
+        frozen = False
+        try:
+            assert _stored(tmp_path, port, 90) > 0, "the sink stored nothing"  # it has joined and inserts
+            time.sleep(2.0)
+            os.kill(broker.proc.pid, signal.SIGSTOP)
+            frozen = True
+            time.sleep(1.5)  # the next commit is sent and waits for an answer that does not come
+            t0 = time.monotonic()
+            sink.terminate()
+            rc = sink.wait(STOP_GRACE_S + 25)
+            took = time.monotonic() - t0
+        finally:
+            feeding.clear()
+            if frozen:
+                os.kill(broker.proc.pid, signal.SIGCONT)
+            if sink.poll() is None:
+                sink.kill()
+                sink.wait(10)
+        assert rc == 0
+        assert took < STOP_GRACE_S + 5, f"the sink took {took:.1f} s to stop"

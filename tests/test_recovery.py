@@ -158,3 +158,49 @@ def test_a_replay_without_stop_offsets_reads_at_least_to_the_high_watermarks(bro
     finally:
         c.close()
     assert sum(highs) > 10_000 and len(got) >= sum(highs), (len(got), highs)
+
+
+def test_requests_drawn_from_compounds_past_the_committed_offsets_are_re_adopted(codec: Codec) -> None:
+    """A worker stopped just after its pool filled had issued requests from compounds that Faust had
+    not committed yet (it commits every few seconds). The replacement must know those compounds
+    before it re-adopts the requests, or it issues the same ids again (seen in the SIGTERM
+    durability test: the restarted worker re-sent its first batch)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from labloop.models import FeatureSpec, featurize
+    from labloop.streams.definition import CampaignSpec
+    from labloop.streams.engine import CampaignEngine
+    from labloop.streams.recovery import rebuild
+    from labloop.streams.runtime import EmbeddedBroker, ensure_topics
+
+    cid, group = "past-commit", "past-commit-worker"
+    compounds = [r for r in compound_rows(DATA, cid) if isinstance(r, dict)][:40]
+    smiles = [r["smiles"] for r in compounds]
+    spec = CampaignSpec(cid, "tpsa", "A^2", batch_size=5, init_size=5, budget=20, min_pool_size=40, seed=3,
+                        request_ttl_s=600.0)
+    first = CampaignEngine(device="cpu")  # the worker that was stopped
+    first.define(spec.to_record(0))
+    first.register(cid, compounds, featurize(smiles))
+    issued = [e.record for e in first.decide(cid, "cpu") if e.name == "ExperimentRequest"]
+    assert len(issued) == 5
+    with EmbeddedBroker() as broker:
+        config = {"bootstrap.servers": broker.bootstrap}
+        ensure_topics(config)
+        p = make_producer(config)
+        for role, name, recs in (("campaigns", "Campaign", [spec.to_record(0)]),
+                                 ("compounds", "CompoundRegistered", compounds), ("requests", "ExperimentRequest", issued)):
+            for r in recs:
+                p.produce(TOPICS[role].name, value=codec.encode(name, r), partition=0)
+        assert p.flush(30) == 0
+        c = Consumer({**config, "group.id": group, "enable.auto.commit": False})
+        try:  # Faust had committed the definition and only the first 2 of the 40 compounds
+            c.commit(offsets=[TopicPartition(TOPICS["campaigns"].name, 0, 1), TopicPartition(TOPICS["compounds"].name, 0, 2)],
+                     asynchronous=False)
+        finally:
+            c.close()
+        second = CampaignEngine(device="cpu")
+        stats = rebuild(second, config, group, codec, FeatureSpec())
+    rt = second.get(cid)
+    assert rt is not None and stats["compounds"] == 40 and stats["requests"] == 5
+    assert sorted(rt.requests) == sorted(r["request_id"] for r in issued) and rt.n_requested == 5
+    assert [e for e in second.decide(cid, "cpu") if e.name == "ExperimentRequest"] == []  # the batch is out already
