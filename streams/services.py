@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from typing import NoReturn
 
 from labloop.consumers import ClickHouseSink, HttpBridge, connect, create_tables
 from labloop.consumers.health import HealthServer
@@ -17,9 +19,10 @@ __all__ = ["run_sink"]
 log = logging.getLogger("labloop.sink")
 
 
-def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> None:
-    """Run the ClickHouse sink until SIGTERM or Ctrl-C; serves ClickHouse's HTTP interface on
-    loopback when ClickHouse is the embedded chDB. ``on_insert``: fault injection (tests only)."""
+def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> NoReturn:
+    """Run the ClickHouse sink until SIGTERM or Ctrl-C, then end the process (status 0); serves
+    ClickHouse's HTTP interface on loopback when ClickHouse is the embedded chDB. ``on_insert``:
+    fault injection (tests only)."""
     if settings.embedded_kafka:
         raise RuntimeFailure("the sink needs a broker: set LABLOOP_KAFKA_BOOTSTRAP (`labloop up` does)")
     s = settings
@@ -51,3 +54,10 @@ def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> None:
         if bridge:
             bridge.stop()
         client.close()
+    log.info("sink: stopped")
+    # The process ends here, not in interpreter finalization: a sink stopped by SIGTERM, its
+    # consumer and ClickHouse client already closed, once hung there for good (Python's own
+    # signal handlers already removed, py-spy finding no interpreter: the native libraries' exit
+    # handlers), and whoever stopped it waited in vain.
+    logging.shutdown()
+    os._exit(0)

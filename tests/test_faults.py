@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,20 +59,28 @@ def _sink(broker: EmbeddedBroker, data: Path, port: int, *faults: str, **env: st
                             stderr=subprocess.DEVNULL)
 
 
-def _stored(data: Path, port: int, timeout_s: float) -> int:
-    """Readings the sink serving ``port`` has stored, once it is more than none (0 at the deadline)."""
-    deadline = time.monotonic() + timeout_s
+def _query_until(data: Path, port: int, sql: str, ok: Callable[[tuple[Any, ...]], bool],
+                 timeout_s: float) -> tuple[Any, ...] | None:
+    """The first row of ``sql`` on the sink serving ``port`` once ``ok(row)``; None at the deadline.
+    Errors count as not yet: the sink may still be starting."""
+    deadline, client = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         try:
             password = json.loads((data / "credentials.json").read_text())["analyst"]
-            n = int(connect(f"http://analyst:{password}@127.0.0.1:{port}/labloop")
-                    .query("SELECT count() FROM readings").result_rows[0][0])
-            if n:
-                return n
+            client = client or connect(f"http://analyst:{password}@127.0.0.1:{port}/labloop")
+            row = tuple(client.query(sql).result_rows[0])
+            if ok(row):
+                return row
         except Exception:  # the sink is still starting
             pass
         time.sleep(0.3)
-    return 0
+    return None
+
+
+def _stored(data: Path, port: int, timeout_s: float) -> int:
+    """Readings the sink serving ``port`` has stored, once it is more than none (0 at the deadline)."""
+    row = _query_until(data, port, "SELECT count() FROM readings", lambda r: r[0] > 0, timeout_s)
+    return int(row[0]) if row else 0
 
 
 def _crash_then_recover(broker: EmbeddedBroker, tmp_path: Path, want: int, **env: str) -> tuple[int, int]:
@@ -84,21 +92,14 @@ def _crash_then_recover(broker: EmbeddedBroker, tmp_path: Path, want: int, **env
     _publish(broker, Codec(), MORE, "g")
     want += MORE * PLATE
     second = _sink(broker, tmp_path, port, **env)
+    sql = "SELECT count(), uniqExact(reading_id) FROM readings"
     try:
-        deadline = time.monotonic() + 90
-        client: Any = None
-        while time.monotonic() < deadline:
-            try:
-                password = json.loads((tmp_path / "credentials.json").read_text())["analyst"]
-                client = client or connect(f"http://analyst:{password}@127.0.0.1:{port}/labloop")
-                n, distinct = client.query("SELECT count(), uniqExact(reading_id) FROM readings").result_rows[0]
-                if distinct >= want:
-                    time.sleep(1.0)  # let a late duplicate show up if there is one
-                    return tuple(client.query("SELECT count(), uniqExact(reading_id) FROM readings").result_rows[0])
-            except Exception:  # the sink is still starting
-                pass
-            time.sleep(0.3)
-        raise AssertionError("the restarted sink did not store every reading")
+        if _query_until(tmp_path, port, sql, lambda r: r[1] >= want, 90) is None:
+            raise AssertionError("the restarted sink did not store every reading")
+        time.sleep(1.0)  # let a late duplicate show up if there is one
+        row = _query_until(tmp_path, port, sql, lambda r: True, 30)
+        assert row is not None
+        return int(row[0]), int(row[1])
     finally:
         second.terminate()
         second.wait(20)
@@ -137,6 +138,8 @@ def test_a_sink_stops_within_its_grace_while_the_broker_is_frozen(codec: Codec, 
                 p.poll(0)
                 k += 1
                 time.sleep(0.05)
+            p.flush(5)  # the broker may be frozen still: what it never acknowledged is dropped
+            p.close()
 
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
@@ -157,6 +160,7 @@ def test_a_sink_stops_within_its_grace_while_the_broker_is_frozen(codec: Codec, 
             feeding.clear()
             if frozen:
                 os.kill(broker.proc.pid, signal.SIGCONT)
+            feeder.join(15)
             if sink.poll() is None:
                 sink.kill()
                 sink.wait(10)

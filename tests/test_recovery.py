@@ -162,7 +162,7 @@ def test_a_replay_without_stop_offsets_reads_at_least_to_the_high_watermarks(bro
 
 def test_requests_drawn_from_compounds_past_the_committed_offsets_are_re_adopted(codec: Codec) -> None:
     """A worker stopped just after its pool filled had issued requests from compounds that Faust had
-    not committed yet (it commits every few seconds). The replacement must know those compounds
+    not committed yet (it commits on an interval, 2.8 s by its default). The replacement must know those compounds
     before it re-adopts the requests, or it issues the same ids again (seen in the SIGTERM
     durability test: the restarted worker re-sent its first batch)."""
     from confluent_kafka import Consumer, TopicPartition
