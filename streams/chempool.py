@@ -71,6 +71,7 @@ class ChemPool:
     def __init__(self, limits: MoleculeLimits, spec: FeatureSpec, timeout_s: float = 5.0) -> None:
         self.limits, self.spec, self.timeout_s = limits, spec, timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
+        self._answered = False  # whether self._proc has answered once (it has finished starting)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labloop-chem-io")
         self.killed = 0  # children killed for overrunning, for the logs and tests
 
@@ -82,16 +83,30 @@ class ChemPool:
         X = np.frombuffer(raw, dtype=np.float32).reshape(int(head["rows"]), self.spec.n_bits).copy()
         return [int(i) for i in head["ok"]], [(int(i), str(r)) for i, r in head["rejected"]], X
 
-    async def _child(self) -> subprocess.Popen[bytes]:
+    def start(self) -> None:
+        """Start the child now, so that its imports (seconds) overlap the caller's own start
+        instead of delaying the first molecules; :meth:`featurize` waits for it to answer."""
         if self._proc is None or self._proc.poll() is not None:
             cfg = json.dumps({"limits": {"max_chars": self.limits.max_chars, "max_heavy_atoms": self.limits.max_heavy_atoms},
                               "spec": {"radius": self.spec.radius, "n_bits": self.spec.n_bits, "counts": self.spec.counts}})
-            proc = subprocess.Popen([sys.executable, "-m", "labloop.streams.chempool", cfg], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, preexec_fn=die_with_parent(os.getpid()))
+            self._proc = subprocess.Popen([sys.executable, "-m", "labloop.streams.chempool", cfg], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, preexec_fn=die_with_parent(os.getpid()))
+            self._answered = False
+
+    async def _child(self) -> subprocess.Popen[bytes]:
+        self.start()
+        assert self._proc is not None
+        if not self._answered:
             # A child's start (imports, about a second) is not a molecule's time: wait for it first.
-            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._io, self._call, proc, []),
-                                   START_TIMEOUT_S)
-            self._proc = proc
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._io, self._call, self._proc, []),
+                                       START_TIMEOUT_S)
+            except BaseException:
+                proc, self._proc = self._proc, None
+                proc.kill()  # its pipe's reader in the I/O thread then ends
+                proc.wait()
+                raise
+            self._answered = True
         return self._proc
 
     def _kill(self) -> None:

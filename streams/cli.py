@@ -310,6 +310,7 @@ def worker() -> None:
     w.checkpoints = CheckpointStore(s.data_dir / "checkpoints" / f"{group}-{s.worker_id}", cluster, group)
     if s.model_process:
         w.start_models(fit_threads)
+    w.chem.start()  # its imports overlap the restore below, not the first compounds
     # A replacement worker first restores what its predecessor had applied (see streams/recovery.py).
     started = time.time()
     restored = rebuild(w.engine, _kafka(s), group, w.codec, w.spec, w.checkpoints, w.limits, s.max_plate_wells)

@@ -205,7 +205,7 @@ class Stack:
         env["LABLOOP_KAFKA_BOOTSTRAP"] = self.bootstrap
         for name in ("clickhouse_dsn", "clickhouse_http_port", "data_dir", "device", "log_level",
                      "kafka_session_timeout_s", "kafka_fetch_max_wait_ms",
-                     "kafka_fetch_max_wait_backlog_ms", "worker_batch", "worker_batch_window_s",
+                     "kafka_fetch_max_wait_backlog_ms", "kafka_fetch_max_wait_idle_ms", "worker_batch", "worker_batch_window_s",
                      "sink_batch_rows", "sink_flush_s", "sink_exactly_once", "sink_dedup_keys", "checkpoint_interval_s",
                      "model_process", "backlog_messages", "backlog_fit_share", "max_smiles_chars", "max_heavy_atoms",
                      "max_plate_wells", "max_message_bytes", "chem_timeout_s", "clickhouse_analyst_timeout_s", "broker_sasl", "broker_tls"):

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(20, description="worker fetch long-poll; Tansu holds every fetch this long")
     kafka_fetch_max_wait_backlog_ms: int = Field(
         500, description="worker fetch long-poll while a readings input is more than backlog_messages behind")
+    kafka_fetch_max_wait_idle_ms: int = Field(
+        200, ge=1, le=5000, description="worker fetch long-poll after 5 s with no input: what an idle stack costs the cores")
     schema_registry_url: str | None = Field(None, description="Confluent Schema Registry; unset = single-object Avro")
     schema_registry_auth: SecretStr | None = Field(None, description="user:password for the registry")
     schema_registry_auto_register: bool = Field(

@@ -12,7 +12,7 @@ from labloop.schemas import TOPICS
 from labloop.streams.faust_transport import set_fetch_max_wait
 from labloop.streams.runtime import EmbeddedBroker, ensure_topics
 from labloop.streams.settings import Settings
-from labloop.streams.worker import create_app
+from labloop.streams.worker import IDLE_AFTER_S, create_app
 
 
 def test_fits_are_paced_only_while_an_input_is_behind(tmp_path: Path) -> None:
@@ -39,6 +39,19 @@ def test_the_fetch_long_poll_is_long_only_under_a_backlog(tmp_path: Path) -> Non
     assert w.fetch_wait_ms() == 500
     w.lag[("labloop.readings", 1)] = 0
     assert w.fetch_wait_ms() == 20
+
+
+def test_the_long_poll_lengthens_on_an_idle_worker_and_shortens_at_its_next_input(tmp_path: Path) -> None:
+    _, w = create_app(Settings(data_dir=tmp_path, backlog_messages=1000, kafka_fetch_max_wait_ms=20,
+                               kafka_fetch_max_wait_backlog_ms=500, kafka_fetch_max_wait_idle_ms=200), "127.0.0.1:9")
+    assert w.fetch_wait_ms() == 20  # just started: live
+    w._input_at -= IDLE_AFTER_S + 0.1
+    assert w.fetch_wait_ms() == 200
+    w.saw_input()  # a batch of any input
+    assert w.fetch_wait_ms() == 20
+    w._input_at -= IDLE_AFTER_S + 0.1
+    w.lag[("labloop.readings", 0)] = 5000  # a backlog measured before the quiet keeps the backlog's poll
+    assert w.fetch_wait_ms() == 500
 
 
 def test_the_long_poll_waits_for_a_started_consumer(tmp_path: Path) -> None:
