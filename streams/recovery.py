@@ -125,7 +125,7 @@ def rebuild(engine: CampaignEngine, kafka_config: dict[str, str], group_id: str,
         # with nothing committed (a predecessor killed before its first commit). The campaigns and pools
         # must be known before the requests they issued are re-adopted below, or those requests and
         # their statuses are refused and their ids issued again: Faust commits on an interval (2.8 s
-        # by its default), and a worker stopped 2 s after its pool of 302 compounds filled had committed
+        # by its default), and a worker stopped about 2 s after its pool of 302 compounds filled had committed
         # 2 of them and issued requests from the rest.
         # Registering them here emits nothing; Faust consumes them again, idempotently.
         fresh = [TopicPartition(TOPICS[r].name, p, floors.get((TOPICS[r].name, p), 0)) for r in _INPUTS

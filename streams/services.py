@@ -57,7 +57,7 @@ def run_sink(settings: Settings, on_insert: InsertHook | None = None) -> NoRetur
     log.info("sink: stopped")
     # The process ends here, not in interpreter finalization: a sink stopped by SIGTERM, its
     # consumer and ClickHouse client already closed, once hung there for good (Python's own
-    # signal handlers already removed, py-spy finding no interpreter: the native libraries' exit
-    # handlers), and whoever stopped it waited in vain.
+    # signal handlers already removed, py-spy finding no interpreter; which native library's exit
+    # handler held it was not found), and whoever stopped it waited in vain.
     logging.shutdown()
     os._exit(0)
