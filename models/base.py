@@ -13,14 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from labloop.models.errors import InvalidTarget, ModelError
+from labloop.models.errors import STABLE_ABS_MAX, InvalidTarget, ModelError
 
 __all__ = ["STABLE_ABS_MAX", "OnlineLearner", "Standardizer", "check_targets", "default_device", "finite_prediction"]
 
-# The largest |y| a learner takes. Outcomes are standardized in float64, so squares of such
-# values stay far from overflow (a 1e308 reading made every later prediction NaN), and no
-# assay in any unit comes near it.
-STABLE_ABS_MAX = 1e12
 
 
 def default_device() -> str:

@@ -7,6 +7,12 @@ dead-letter policy exactly like a ``schemas`` error.
 
 from __future__ import annotations
 
+# The largest |y| a learner takes. Outcomes are standardized in float64, so squares of such
+# values stay far from overflow (a 1e308 reading made every later prediction NaN), and no
+# assay in any unit comes near it. Defined here, beside the error that enforces it, so that
+# campaign definitions are checked without importing torch.
+STABLE_ABS_MAX = 1e12
+
 
 class ModelError(Exception):
     """Root of every error raised by :mod:`models`."""
@@ -30,7 +36,7 @@ class InvalidMolecule(ModelError, ValueError):
 
 class InvalidTarget(ModelError, ValueError):
     """Training targets a learner cannot represent stably: non-finite, or beyond
-    :data:`~labloop.models.learners.STABLE_ABS_MAX` in magnitude."""
+    :data:`STABLE_ABS_MAX` in magnitude."""
 
 
 class NotFitted(ModelError, RuntimeError):

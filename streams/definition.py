@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from labloop.models.acquisition import POLICIES
-from labloop.models.learners import LEARNERS, STABLE_ABS_MAX
+from labloop.models.errors import STABLE_ABS_MAX
 from labloop.schemas import InvalidEvent
 from labloop.schemas.types import Record
 
@@ -199,6 +199,8 @@ class CampaignSpec:
             raise bad("approval", "must be true or false")
         if self.policy not in POLICIES:
             raise bad("policy", f"is not a policy; known: {', '.join(sorted(POLICIES))}")
+        from labloop.models.learners import LEARNERS  # torch: only where a definition is checked
+
         if self.learner not in LEARNERS:
             raise bad("learner", f"is not a learner; known: {', '.join(sorted(LEARNERS))}")
         ttl = self.request_ttl_s

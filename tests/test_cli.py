@@ -70,6 +70,21 @@ def test_sql_formats_through_the_http_bridge(cli: Any) -> None:
     assert err.returncode == 2 and "UNKNOWN_IDENTIFIER" in err.stderr
 
 
+def test_the_cli_the_sink_and_the_dashboard_start_without_torch_or_rdkit() -> None:
+    """Importing both took 2.3 s of every ``labloop`` command (and of each child's start); only
+    the worker, recovery and the benches need them."""
+    import labloop.models as models
+
+    code = ("import sys, labloop.streams.cli, labloop.consumers.sink, labloop.consumers.dashboard\n"
+            "from labloop.streams.definition import CampaignSpec\n"
+            "print(sorted(m for m in ('torch', 'rdkit') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    assert sorted(models.__all__) == sorted(models._WHERE)  # every lazy name resolves
+    assert all(getattr(models, n) is not None for n in models.__all__)
+
+
 def test_commands_without_a_broker_say_so(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABLOOP_")}
     f = tmp_path / "x.csv"
