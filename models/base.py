@@ -18,7 +18,6 @@ from labloop.models.errors import STABLE_ABS_MAX, InvalidTarget, ModelError
 __all__ = ["STABLE_ABS_MAX", "OnlineLearner", "Standardizer", "check_targets", "default_device", "finite_prediction"]
 
 
-
 def default_device() -> str:
     """``"cuda"`` when a CUDA device is visible, else ``"cpu"``."""
     return "cuda" if torch.cuda.is_available() else "cpu"

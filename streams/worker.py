@@ -354,7 +354,6 @@ class LabloopWorker:
                 continue
             if hw is not None and hw >= 0:  # None until a fetch for it was answered
                 self.progress.observed(tp.topic, tp.partition, hw - last - 1)
-        self.saw_input()
 
     def saw_input(self) -> None:
         """After any input batch: the long-poll leaves its idle setting for the next fetch."""
@@ -691,8 +690,7 @@ def create_app(settings: Settings, bootstrap: str, app_id: str = "labloop-worker
                 w.progress.handled(spans)
                 if role in ("readings", "plates"):
                     w.observe_lag(tps)
-                else:
-                    w.saw_input()
+                w.saw_input()  # after the lag: the next fetch's long-poll reads both
                 log.debug("%s: %d events in %.3fs", role, len(events), time.perf_counter() - t0)
 
         run.__name__ = f"on_{role}"

@@ -81,8 +81,8 @@ def test_the_cli_the_sink_and_the_dashboard_start_without_torch_or_rdkit() -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
-    assert sorted(models.__all__) == sorted(models._WHERE)  # every lazy name resolves
-    assert all(getattr(models, n) is not None for n in models.__all__)
+    assert sorted(models.__all__) == sorted(models._WHERE)
+    assert all(getattr(models, n) is not None for n in models.__all__)  # every lazy name resolves
 
 
 def test_commands_without_a_broker_say_so(tmp_path: Path) -> None:
