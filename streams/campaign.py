@@ -152,6 +152,10 @@ class Update:
     side_pred: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # filled by the fit
 
 
+# A request's statuses while its results may still come: the TTL expires it from any of them.
+_LIVE = ("REQUESTED", "ACCEPTED", "STARTED")
+
+
 @dataclass
 class _Request:
     index: int
@@ -377,6 +381,7 @@ class CampaignRuntime:
         errors: list[InvalidEvent] = []
         idx: list[int] = []
         vals: list[float] = []
+        touched: list[_Request] = []
         for k, r in enumerate(readings):
             rid = r["reading_id"]
             if rid in seen:
@@ -398,7 +403,7 @@ class CampaignRuntime:
                 if rq is None:
                     errors.append(InvalidEvent(f"reading {rid}: request {req!r} does not exist", k))
                     continue
-                rq.status = "COMPLETED"
+                touched.append(rq)
             seen.add(rid)
             new_ids.append(rid)
             self.n_readings += 1
@@ -413,7 +418,15 @@ class CampaignRuntime:
             if pred is not None:  # scored by the model in force, before it learns them
                 self.live.add(pred[0][at], pred[1][at], y, self.pool.model_version)
             self.pool.observe(at, y)
+        for rq in touched:  # completed once every assay it names has a result: a slow one may be still to come
+            if self._results_complete(rq.index):
+                rq.status = "COMPLETED"
         return errors
+
+    def _results_complete(self, index: int) -> bool:
+        """Whether pool row ``index`` has a result of every assay the campaign's requests name."""
+        assert self.pool is not None
+        return bool(self.pool.status[index] == MEASURED) and all(math.isfinite(m.values[index]) for m in self.side.values())
 
     def restore_request(self, r: Record, proposed: bool = False) -> bool:
         """Re-adopt an ExperimentRequest published before a restart (``proposed``: on the proposals
@@ -458,6 +471,11 @@ class CampaignRuntime:
                                f"and was never sent to a robot")
         if req.status in ("COMPLETED", "FAILED", "EXPIRED"):
             return
+        if r["status"] == "COMPLETED" and self.pool is not None and not self._results_complete(req.index):
+            # The robot is done, but a result is not here yet: it may be on its way (readings and
+            # statuses are separate topics), or dead-lettered. The request stays live, so that its
+            # results complete it or its TTL expires it; never in flight for ever.
+            return
         req.status = r["status"]
         if self.pool is None or self.pool.status[req.index] != PENDING:
             return
@@ -471,7 +489,7 @@ class CampaignRuntime:
         """Expire pending requests past their ``expires_at``."""
         out = []
         for rid, req in self.requests.items():
-            if req.status in ("REQUESTED", "ACCEPTED", "STARTED") and req.expires_at <= now:
+            if req.status in _LIVE and req.expires_at <= now:
                 rec = {"request_id": rid, "campaign_id": self.campaign_id, "compound_id": self.compound_ids[req.index],
                        "status": "EXPIRED", "robot_id": "labloop-worker", "reason": "request_ttl_s elapsed", "event_time": now}
                 self.on_status(rec)
@@ -571,12 +589,17 @@ class CampaignRuntime:
         return out
 
     def sides_complete(self) -> bool:
-        """Whether every further assay has a learned reading of every compound the first objective
-        measured (a slow assay's results are still to come while it has not)."""
+        """Whether the further assays have nothing more to come: each has learned every reading it
+        got, and no live request whose first objective was measured still waits for one (a slow
+        assay). A request that failed or expired waits for nothing, nor does a compound measured
+        without a request (from history): a gap is normal, not a result still to come."""
         if not self.side or self.pool is None:
             return True
-        measured = self.pool.status == MEASURED
-        return all(m.unlearned == 0 and bool(np.isfinite(m.values[measured]).all()) for m in self.side.values())
+        if any(m.unlearned for m in self.side.values()):
+            return False
+        status = self.pool.status
+        return not any(rq.status in _LIVE and status[rq.index] == MEASURED and not self._results_complete(rq.index)
+                       for rq in self.requests.values())
 
     def _propose_multi(self, k: int) -> Proposal:
         """ParEGO over every objective's model, weighted by the probability of meeting the

@@ -791,7 +791,9 @@ def requeue(request_id: Annotated[str, typer.Argument(help="the request's id")],
     state = request_state(analyst_client(s), request_id)
     if state is None:
         raise typer.BadParameter(f"no request {request_id!r} in ClickHouse")
-    if state["status"] in ("COMPLETED", "FAILED", "EXPIRED"):
+    # COMPLETED with no accepted reading (the robot's result was rejected, say): the worker keeps it in
+    # flight until its TTL, and it may go back now.
+    if state["status"] in ("FAILED", "EXPIRED") or (state["status"] == "COMPLETED" and state["has_result"]):
         raise typer.BadParameter(f"request {request_id!r} is {state['status']} already; only a pending one goes back")
     rec = {"request_id": request_id, "campaign_id": state["campaign_id"], "compound_id": state["compound_id"],
            "status": "EXPIRED", "robot_id": "labloop-requeue", "reason": reason, "event_time": now_ms()}

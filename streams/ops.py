@@ -107,15 +107,20 @@ def replay(client: Client, producer: Producer, topic: str | None = None, error_c
 
 
 def request_state(client: Client, request_id: str) -> dict[str, Any] | None:
-    """A request's campaign, compound and latest status (``REQUESTED`` when none came), or None
-    when ClickHouse has no such request."""
+    """A request's campaign, compound, status (its latest ending if it has one, else its latest
+    status, ``REQUESTED`` when none came) and whether an accepted reading names it
+    (``has_result``), or None when ClickHouse has no such request."""
     res = client.query(f"SELECT campaign_id, compound_id FROM requests WHERE request_id = {_q(request_id)} LIMIT 1")
     if not res.result_rows:
         return None
     cid, compound = res.result_rows[0]
+    # The latest ending (COMPLETED, FAILED, EXPIRED) wins over any other status: a robot reports
+    # ACCEPTED, STARTED and COMPLETED within the same millisecond, and a late one after an expiry.
     st = client.query(f"SELECT status FROM request_status WHERE request_id = {_q(request_id)} "
-                      f"ORDER BY event_time DESC, status DESC LIMIT 1").result_rows
-    return {"campaign_id": cid, "compound_id": compound, "status": st[0][0] if st else "REQUESTED"}
+                      f"ORDER BY status IN ('COMPLETED', 'FAILED', 'EXPIRED') DESC, event_time DESC LIMIT 1").result_rows
+    got = client.query(f"SELECT count() FROM accepted_readings WHERE request_id = {_q(request_id)}").result_rows[0][0]
+    return {"campaign_id": cid, "compound_id": compound, "status": st[0][0] if st else "REQUESTED",
+            "has_result": bool(got)}
 
 
 def explain(client: Client, request_id: str) -> dict[str, Any]:

@@ -195,6 +195,22 @@ def test_requeue_puts_a_pending_request_back_under_a_new_id(cli: Any, stack: Any
     assert twice.returncode == 2 and "EXPIRED already" in twice.stderr
     unknown = cli("requeue", "no-such-request")
     assert unknown.returncode == 2 and "no request 'no-such-request'" in unknown.stderr
+    # A robot reported one COMPLETED, but no reading of it was accepted: still pending, it may go back.
+    producer = make_producer(stack.kafka_config)
+    publish_records(producer, codec, "status", "RequestStatus", iter([{
+        "request_id": again[1], "campaign_id": cid, "compound_id": "?", "status": "COMPLETED", "robot_id": "lost-plate",
+        "reason": None, "event_time": now_ms()}]))
+    producer.close()
+    deadline = time.monotonic() + 60
+    while not ch.query(f"SELECT count() FROM request_status WHERE request_id = '{again[1]}'").result_rows[0][0] \
+            and time.monotonic() < deadline:
+        time.sleep(0.3)
+    lost = cli("requeue", again[1], "--reason", "result lost")
+    assert lost.returncode == 0, lost.stderr
+    deadline = time.monotonic() + 60
+    while len(ids()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert len(ids()) == 5  # its place in the budget came back: a fifth request
     # Answer what is pending, so that no later test's robot finds this campaign's requests.
     lab = VirtualLab(RobotClient(stack.kafka_config, codec, robot_id="requeue-robot"),
                      Oracle.from_csv(data, "smiles", "tpsa"), LabConfig(unit="A^2")).start()
@@ -210,4 +226,12 @@ def test_requeue_puts_a_pending_request_back_under_a_new_id(cli: Any, stack: Any
     finally:
         mon.close()
         lab.stop()
-    assert done  # the budget of 4 spent: three first requests, one of them put back, and its replacement
+    assert done  # the budget of 4 spent: three first requests, two of them put back, and their replacements
+    sql = (f"SELECT request_id FROM request_status WHERE campaign_id = '{cid}' AND robot_id = 'requeue-robot' "
+           f"AND status = 'COMPLETED' AND request_id IN (SELECT request_id FROM accepted_readings) LIMIT 1")
+    deadline = time.monotonic() + 60
+    while not ch.query(sql).result_rows and time.monotonic() < deadline:
+        time.sleep(0.3)
+    measured = ch.query(sql).result_rows[0][0]
+    answered = cli("requeue", measured)
+    assert answered.returncode == 2 and "COMPLETED already" in answered.stderr

@@ -57,3 +57,46 @@ def test_two_assays_a_constraint_and_a_slow_assay_close_the_loop(stack: Stack, c
     assert lag[0] >= SLOW_S - 0.3, lag
     final = ch.query(f"SELECT event_time, n_measured FROM model_updates WHERE campaign_id = '{CID}' AND done").result_rows[0]
     assert final[0] >= lag[1] and final[1] == BUDGET - len(failed)
+
+
+def test_a_slow_assay_whose_results_are_all_rejected_ends_at_the_ttl(stack: Stack, codec: Codec, ch: Any,
+                                                                     define_campaign: Any, settle: Any,
+                                                                     tmp_path: Path) -> None:
+    """The slow instrument reports in the wrong unit, so each of its readings is one dead letter.
+    Each request stays in flight (the robot said COMPLETED, but a result is missing) until its TTL
+    expires it; the campaign then finishes, its fast results kept, and asks for nothing more."""
+    cid, ttl_s = "mo-rejected", 8.0
+    pool = tmp_path / "tpsa_logp.csv"
+    with open(DATA) as src, open(pool, "w", newline="") as dst:
+        w = csv.writer(dst)
+        w.writerow(["smiles", "tpsa", "logp"])
+        for r in csv.DictReader(src):
+            mol = Chem.MolFromSmiles(r["smiles"])
+            if mol is not None:
+                w.writerow([r["smiles"], r["tpsa"], f"{Crippen.MolLogP(mol):.4f}"])
+    spec = CampaignSpec(cid, "tpsa", "A^2", batch_size=10, init_size=10, budget=10, min_pool_size=290, seed=5,
+                        request_ttl_s=ttl_s, objectives=(Objective("logp", "log", "MAXIMIZE"),))
+    oracles = Oracle.columns_from_csv(pool, "smiles", {"tpsa": "tpsa", "logp": "logp"})
+    robot = RobotClient(stack.kafka_config, codec, robot_id="mo-robot-2", group_id="mo-robots-2", campaigns={cid})
+    lab = VirtualLab(robot, oracles, LabConfig(unit="A^2", units={"logp": "percent"},
+                                               assay_latency_s={"logp": 0.5})).start()
+    try:
+        define_campaign(stack.kafka_config, spec, pool)
+        assert settle(f"SELECT count() FROM model_updates WHERE campaign_id = '{cid}' AND done", 1, 240) == 1, lab.errors
+    finally:
+        lab.stop()
+    # The sink may still be writing: the rejected readings (one plate's wells), then what the worker sent.
+    assert settle("SELECT sum(length(rejected_ids)) FROM dead_letters WHERE error_message LIKE '%unit ''percent''%'",
+                  10, 60) == 10
+    assert settle(f"SELECT count() FROM request_status WHERE campaign_id = '{cid}' AND status = 'EXPIRED'", 10, 60) == 10
+    statuses = ch.query(f"SELECT status, robot_id, count() FROM request_status WHERE campaign_id = '{cid}' "
+                        f"GROUP BY status, robot_id ORDER BY status").result_rows
+    assert ("EXPIRED", "labloop-worker", 10) in statuses and ("COMPLETED", "mo-robot-2", 10) in statuses, statuses
+    final = ch.query(f"SELECT n_requested, n_measured, n_pending FROM model_updates WHERE campaign_id = '{cid}' "
+                     f"AND done").result_rows[0]
+    assert final == (10, 10, 0)
+    assert ch.query(f"SELECT count() FROM requests WHERE campaign_id = '{cid}'").result_rows[0][0] == 10
+    done_at, first_request = ch.query(
+        f"SELECT (SELECT max(event_time) FROM model_updates WHERE campaign_id = '{cid}' AND done), "
+        f"(SELECT min(event_time) FROM requests WHERE campaign_id = '{cid}')").result_rows[0]
+    assert (done_at - first_request).total_seconds() >= ttl_s  # it waited for the results until the TTL

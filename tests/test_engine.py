@@ -358,6 +358,102 @@ def test_a_slow_assay_holds_the_final_report_until_its_results_are_learned() -> 
     np.testing.assert_allclose(pa[0], pb[0], rtol=1e-4, atol=1e-4)
 
 
+def _fit_all(engine: CampaignEngine) -> list[Any]:
+    """Fit what is new, then ask for requests or the final report, as the worker does."""
+    update = engine.take_update(CID)
+    if update is not None:
+        return engine.commit_update(CID, update, engine.fit(CID, update), 0.0, "cpu")
+    return engine.decide(CID, "cpu")
+
+
+def _status(r: dict[str, Any], status: str) -> dict[str, Any]:
+    return {"request_id": r["request_id"], "campaign_id": CID, "compound_id": r["compound_id"], "status": status,
+            "robot_id": "robot-1", "reason": None, "event_time": 0}
+
+
+@pytest.mark.parametrize("ending", ["expired", "failed"])
+def test_a_slow_result_that_never_comes_ends_with_its_request_not_the_campaign(ending: str) -> None:
+    """The fast assay answered every request; one request's slow result never comes (the robot
+    reports it failed, or nothing arrives and its TTL expires it). The campaign still finishes:
+    a request that ended waits for nothing."""
+    records, tpsa = _pool(60)
+    engine = CampaignEngine(device="cpu")
+    engine.define(_spec(budget=5, objectives=(Objective("logp", "log", "MAXIMIZE", None, 2.0),)).to_record(0))
+    engine.register(CID, records, featurize([r["smiles"] for r in records]))
+    reqs = [e.record for e in engine.decide(CID, "cpu")]
+    engine.readings(CID, "tpsa", "A^2", [{"reading_id": f"t-{r['request_id']}", "compound_id": r["compound_id"],
+                                          "value": tpsa[r["compound_id"]], "request_id": r["request_id"]} for r in reqs])
+    engine.readings(CID, "logp", "log", [{"reading_id": f"l-{r['request_id']}", "compound_id": r["compound_id"],
+                                          "value": _logp(r["smiles"]), "request_id": r["request_id"]} for r in reqs[1:]])
+    for r in reqs:  # the robot reports each experiment done, the one without its logP result too
+        engine.status(_status(r, "COMPLETED"))
+    out = _fit_all(engine)
+    assert not out[0].record["done"] and _fit_all(engine) == []  # reqs[0]'s logP may be on its way
+    assert engine.expire(CID, reqs[0]["expires_at"] - 1) == []
+    if ending == "failed":
+        engine.status(_status(reqs[0], "FAILED"))
+    else:
+        expired = engine.expire(CID, reqs[0]["expires_at"])
+        assert [(e.record["request_id"], e.record["status"]) for e in expired] == [(reqs[0]["request_id"], "EXPIRED")]
+    final = _fit_all(engine)
+    assert len(final) == 1 and final[0].record["done"] and final[0].record["n_requested"] == 5
+    assert final[0].record["n_measured"] == 5  # its TPSA was measured: the budget is not given back
+
+
+def test_a_compound_measured_before_the_campaign_on_one_assay_does_not_hold_it() -> None:
+    """History: readings of the first objective with no request and no logP. Gaps are normal; the
+    campaign finishes once its own requests have all their results."""
+    records, tpsa = _pool(60)
+    engine = CampaignEngine(device="cpu")
+    engine.define(_spec(budget=5, objectives=(Objective("logp", "log", "MAXIMIZE", None, 2.0),)).to_record(0))
+    engine.register(CID, records, featurize([r["smiles"] for r in records]))
+    history = [r["compound_id"] for r in records[:8]]
+    engine.readings(CID, "tpsa", "A^2", [{"reading_id": f"h-{c}", "compound_id": c, "value": tpsa[c],
+                                          "request_id": None} for c in history])
+    final: list[Any] = []
+    for _ in range(20):
+        out = _fit_all(engine)
+        reqs = [e.record for e in out if e.name == "ExperimentRequest"]
+        assert not {r["compound_id"] for r in reqs} & set(history)
+        for r in reqs:
+            for assay, unit, v in (("tpsa", "A^2", tpsa[r["compound_id"]]), ("logp", "log", _logp(r["smiles"]))):
+                engine.readings(CID, assay, unit, [{"reading_id": f"{assay}-{r['request_id']}",
+                                                    "compound_id": r["compound_id"], "value": v,
+                                                    "request_id": r["request_id"]}])
+        final = [e.record for e in out if e.name == "ModelUpdate" and e.record["done"]]
+        if final:
+            break
+    assert final and final[0]["n_requested"] == 5 and final[0]["n_measured"] == 13
+
+
+def test_a_request_whose_result_was_dead_lettered_expires_and_is_replaced() -> None:
+    """The robot reports COMPLETED, but its reading was rejected (a wrong unit): the request stays
+    in flight until its TTL, then expires and gives its budget back; the campaign finishes."""
+    records, tpsa = _pool(60)
+    engine = CampaignEngine(device="cpu")
+    engine.define(_spec(budget=5).to_record(0))
+    engine.register(CID, records, featurize([r["smiles"] for r in records]))
+    reqs = [e.record for e in engine.decide(CID, "cpu")]
+    bad = engine.readings(CID, "tpsa", "nm", [{"reading_id": "bad", "compound_id": reqs[0]["compound_id"],
+                                               "value": 1.0, "request_id": reqs[0]["request_id"]}])
+    assert len(bad) == 1
+    engine.readings(CID, "tpsa", "A^2", [{"reading_id": f"t-{r['request_id']}", "compound_id": r["compound_id"],
+                                          "value": tpsa[r["compound_id"]], "request_id": r["request_id"]} for r in reqs[1:]])
+    for r in reqs:
+        engine.status(_status(r, "COMPLETED"))
+    rt = engine.get(CID)
+    assert rt is not None and rt.requests[reqs[0]["request_id"]].status == "REQUESTED"  # still in flight
+    assert not any(e.record.get("done") for e in _fit_all(engine))
+    expired = engine.expire(CID, reqs[0]["expires_at"])
+    assert [e.record["status"] for e in expired] == ["EXPIRED"]
+    again = [e.record for e in _fit_all(engine) if e.name == "ExperimentRequest"]
+    assert len(again) == 1 and again[0]["request_id"] != reqs[0]["request_id"]
+    engine.readings(CID, "tpsa", "A^2", [{"reading_id": "t-again", "compound_id": again[0]["compound_id"],
+                                          "value": tpsa[again[0]["compound_id"]], "request_id": again[0]["request_id"]}])
+    final = _fit_all(engine)
+    assert final[0].record["done"] and final[0].record["n_measured"] == 5
+
+
 def test_an_old_single_objective_definition_still_reads() -> None:
     """A Campaign written with the first schema version (no ranges, objectives or approval) reads
     as a single-objective campaign."""
