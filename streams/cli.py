@@ -205,7 +205,8 @@ _CAMPAIGNS_SQL = ("SELECT campaign_id, budget, requested, in_flight, measured, b
 @app.command()
 def status() -> None:
     """One screen: the stack's components and their health, the lag, and every campaign's progress
-    (requested / measured / in flight / budget, best so far, model version, live error, done).
+    (requested / measured / in flight / budget, best so far, model version, live error, proposals
+    awaiting approval, done).
 
     Exit code 0 when every component is healthy, 1 when one is not, 2 when nothing runs here.
     """
@@ -250,22 +251,29 @@ def status() -> None:
     console.print(comps)
     if running:
         console.print(f"worker input lag: {lag_total:,} message(s)")
+    from collections import Counter
+
+    from labloop.consumers.approval import pending_proposals
+
     try:
-        rows = analyst_client(s).query(_CAMPAIGNS_SQL).result_rows
+        client = analyst_client(s)
+        rows = client.query(_CAMPAIGNS_SQL).result_rows
+        waiting = Counter(r["campaign_id"] for r in pending_proposals(client, limit=1_000_000))
     except Exception as exc:  # the driver's errors carry ClickHouse's message
         why = re.sub(r"//[^/@\s]+@", "//***@", str(exc))  # a server DSN's password never reaches the screen
         err.print(f"[red]cannot read the campaigns from ClickHouse:[/] {why}")
         raise typer.Exit(1 if running else 2) from None
     camps = Table(title="campaigns")
     for c in ("campaign", "state", "requested", "measured", "in flight", "budget", "best", "model", "live RMSE",
-              "live 90% cover"):
+              "live 90% cover", "awaiting approval"):
         camps.add_column(c, justify="left" if c in ("campaign", "state") else "right")
     for cid, budget, req, flight, meas, best, version, rmse, cover, live_n, done, has_model in rows:
-        state = "done" if done else ("running" if has_model or req else "waiting for its pool")
+        state = "done" if done else ("waiting for approval" if waiting[cid] and not flight else
+                                     "running" if has_model or req else "waiting for its pool")
         fmt = (lambda v: "-" if v is None else f"{v:.3g}")  # noqa: E731
         camps.add_row(cid, state, str(req or 0), str(meas if has_model else 0), str(flight or 0), str(budget),
                       fmt(best), str(version if has_model else "-"), fmt(rmse) + (f" (n={live_n})" if live_n else ""),
-                      fmt(cover))
+                      fmt(cover), str(waiting[cid]))
     console.print(camps)
     raise typer.Exit(0 if healthy else (1 if running else 2))
 

@@ -49,6 +49,9 @@ def test_an_approval_gated_campaign_sends_only_approved_requests(stack: Stack, c
         assert int(ch.query(f"SELECT count() FROM requests WHERE campaign_id = '{CID}'").result_rows[0][0]) == 0
         shown = cli("proposals", "--campaign", CID)
         assert shown.returncode == 0 and "10 proposal(s) waiting" in shown.stdout, shown.stdout + shown.stderr
+        st = cli("status")
+        row = next((ln.split("│") for ln in st.stdout.splitlines() if ln.startswith(f"│ {CID} ")), None)
+        assert row is not None and row[2].strip() == "waiting for approval" and row[-2].strip() == "10", st.stdout + st.stderr
 
         ids = [r["request_id"] for r in first]
         rejected = {r["compound_id"] for r in first[:2]}
