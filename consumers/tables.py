@@ -143,11 +143,12 @@ ROWS_OF_TOPIC: dict[str, Callable[[Record], Columns]] = {TOPICS["plates"].name: 
 
 #: Analysts' views (created with the tables, replaced when labloop changes them).
 VIEWS: dict[str, str] = {
-    # The newest model's prediction for every compound of every campaign.
+    # The newest model's prediction for every compound of every campaign, per assay (a campaign's
+    # further objectives and constraints are predicted too).
     "latest_predictions": (
-        "SELECT campaign_id, compound_id, v AS model_version, m AS mean, sd AS std FROM ("
-        "SELECT campaign_id, compound_id, max(model_version) AS v, argMax(mean, model_version) AS m, "
-        "argMax(std, model_version) AS sd FROM predictions GROUP BY campaign_id, compound_id)"),
+        "SELECT campaign_id, assay_id, compound_id, v AS model_version, m AS mean, sd AS std FROM ("
+        "SELECT campaign_id, assay_id, compound_id, max(model_version) AS v, argMax(mean, model_version) AS m, "
+        "argMax(std, model_version) AS sd FROM predictions GROUP BY campaign_id, assay_id, compound_id)"),
     # Each request, when it was made, accepted, started and finished, and how it ended (NULL: not yet).
     "request_lifecycle": (
         "SELECT q.campaign_id AS campaign_id, q.request_id AS request_id, q.compound_id AS compound_id, "

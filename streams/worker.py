@@ -111,7 +111,7 @@ class LabloopWorker:
         self.chem = ChemPool(self.limits, self.spec, settings.chem_timeout_s)
         self.models: ModelHost | None = None  # started by start_models(); None = fits on the model thread
         self.updaters: dict[str, asyncio.Task[None]] = {}
-        self.prediction_writers: dict[str, PredictionWriter] = {}
+        self.prediction_writers: dict[tuple[str, str], PredictionWriter] = {}  # per campaign and assay
         self.sending: dict[str, asyncio.Future[None]] = {}  # per campaign: the last batch of events handed to send
         # Checkpoints: a campaign is "busy" from deciding something (a fit, requests, expiries) until
         # it is sent, and a paused campaign starts nothing new, so its snapshot never holds a
@@ -231,15 +231,23 @@ class LabloopWorker:
             self.updaters[campaign_id] = asyncio.ensure_future(self._updater(campaign_id))
 
     def _fit_and_encode(self, rt: CampaignRuntime, update: Update, version: int) -> tuple[
-            tuple[np.ndarray, np.ndarray], list[bytes]]:
-        """On the model thread: update the learner, score the pool, encode the Prediction events."""
+            tuple[np.ndarray, np.ndarray], list[bytes], int]:
+        """On the model thread: update the learners, score the pool, and encode the Prediction
+        events of the first objective and of each further assay that learned. Returns the first
+        objective's ``(mean, std)``, the messages, and how many rows they carry."""
         assert rt.definition is not None
         pred = self.engine.fit(rt.campaign_id, update)
-        return pred, self._writer(rt.campaign_id).encode(rt.campaign_id, rt.definition.objective_assay_id, version, rt.compound_ids,
-                                   pred[0], pred[1], now_ms(), self.settings.prediction_tolerance)
+        t, tolerance = now_ms(), self.settings.prediction_tolerance
+        raws: list[bytes] = []
+        rows = 0
+        for assay, (mean, std) in [(rt.definition.objective_assay_id, pred), *update.side_pred.items()]:
+            writer = self._writer(rt.campaign_id, assay)
+            raws += writer.encode(rt.campaign_id, assay, version, rt.compound_ids, mean, std, t, tolerance)
+            rows += writer.last_rows
+        return pred, raws, rows
 
-    def _writer(self, campaign_id: str) -> PredictionWriter:
-        return self.prediction_writers.setdefault(campaign_id, PredictionWriter(self.codec))
+    def _writer(self, campaign_id: str, assay_id: str) -> PredictionWriter:
+        return self.prediction_writers.setdefault((campaign_id, assay_id), PredictionWriter(self.codec))
 
     def _final_predictions(self, rt: CampaignRuntime, events: list[Emit]) -> list[Raw]:
         """When ``events`` report the campaign done: the final model's predictions of every row not
@@ -248,13 +256,17 @@ class LabloopWorker:
         if rt.pool is None or rt.definition is None or not any(
                 e.role == "model_updates" and e.record["done"] for e in events):
             return []
-        pred = rt.pool.current_prediction()
-        if pred is None:
-            return []
-        writer = self._writer(rt.campaign_id)
-        raws = writer.encode(rt.campaign_id, rt.definition.objective_assay_id, rt.pool.model_version,
-                             rt.compound_ids, pred[0], pred[1], now_ms(), 0.0, complete=True)
-        self.metrics.predictions.inc(writer.last_rows)
+        preds = [(rt.definition.objective_assay_id, rt.pool.current_prediction()),
+                 *((a, m.pred) for a, m in rt.side.items())]  # a further assay's, as of its last fit
+        raws: list[bytes] = []
+        t = now_ms()
+        for assay, pred in preds:
+            if pred is None:
+                continue
+            writer = self._writer(rt.campaign_id, assay)
+            raws += writer.encode(rt.campaign_id, assay, rt.pool.model_version, rt.compound_ids, pred[0], pred[1], t,
+                                  0.0, complete=True)
+            self.metrics.predictions.inc(writer.last_rows)
         return [Raw("predictions", r) for r in raws]
 
     def _send_in_order(self, campaign_id: str, events: list[Emit | Raw]) -> None:
@@ -303,9 +315,10 @@ class LabloopWorker:
                         break
                 try:
                     t0 = time.perf_counter()
-                    pred, raws = await loop.run_in_executor(self.model_pool, self._fit_and_encode, rt, update, version)
+                    pred, raws, n_rows = await loop.run_in_executor(self.model_pool, self._fit_and_encode, rt, update,
+                                                                    version)
                     self.metrics.fit.observe(time.perf_counter() - t0)
-                    self.metrics.predictions.inc(self._writer(campaign_id).last_rows)
+                    self.metrics.predictions.inc(n_rows)
                     async with lock:
                         events = engine.commit_update(campaign_id, update, pred, time.perf_counter() - t0, device)
                         assert rt.pool.model_version == version

@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rdkit import Chem
 from rdkit.Chem import Crippen
 
@@ -57,6 +58,20 @@ def test_two_assays_a_constraint_and_a_slow_assay_close_the_loop(stack: Stack, c
     assert lag[0] >= SLOW_S - 0.3, lag
     final = ch.query(f"SELECT event_time, n_measured FROM model_updates WHERE campaign_id = '{CID}' AND done").result_rows[0]
     assert final[0] >= lag[1] and final[1] == BUDGET - len(failed)
+    # Both assays' models publish predictions, each in its own units; the final version all of the pool's.
+    n_pool = ch.query(f"SELECT pool_size FROM model_updates WHERE campaign_id = '{CID}' AND done").result_rows[0][0]
+    sql = (f"SELECT assay_id, count() AS n, uniqExact(model_version), max(model_version) = (SELECT max(model_version) "
+           f"FROM model_updates WHERE campaign_id = '{CID}') FROM latest_predictions WHERE campaign_id = '{CID}' "
+           f"GROUP BY assay_id ORDER BY assay_id")
+    assert settle(f"SELECT count() FROM ({sql}) WHERE n = {n_pool}", 2, 30) == 2, ch.query(sql).result_rows
+    assert [r[2:] for r in ch.query(sql).result_rows] == [(1, True), (1, True)]
+    smiles = {r[0]: r[1] for r in ch.query(f"SELECT compound_id, smiles FROM compounds WHERE campaign_id = '{CID}'").result_rows}
+    got = ch.query(f"SELECT compound_id, mean FROM latest_predictions WHERE campaign_id = '{CID}' AND assay_id = 'logp'").result_rows
+    truth = np.array([Crippen.MolLogP(Chem.MolFromSmiles(smiles[c])) for c, _ in got])
+    pred = np.array([m for _, m in got])
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert np.corrcoef(rank(pred), rank(truth))[0, 1] > 0.4  # a logP model (Spearman), in logP units
+    assert abs(float(np.median(pred)) - float(np.median(truth))) < 1.0
 
 
 def test_a_slow_assay_whose_results_are_all_rejected_ends_at_the_ttl(stack: Stack, codec: Codec, ch: Any,
