@@ -103,7 +103,9 @@ def loop(stack: Stack, codec: Codec, ch: Any) -> dict[str, Any]:
     producer.close()
 
     oracle = Oracle.from_csv(DATA, "smiles", "tpsa")
-    lab = VirtualLab(RobotClient(stack.kafka_config, codec, robot_id="it-robot"), oracle,
+    # Its own fleet, serving this campaign only: the requests topic also holds other tests' campaigns,
+    # which another fleet (another consumer group) may have answered already.
+    lab = VirtualLab(RobotClient(stack.kafka_config, codec, robot_id="it-robot", group_id="it-robots", campaigns={CID}), oracle,
                      LabConfig(failure_rate=0.05, unit="A^2", seed=1)).start()
     try:
         final = _wait_done(stack, codec)
