@@ -101,14 +101,16 @@ def load_mo_csv(path: Path, smiles_col: str, columns: Sequence[str], history: bo
             raise BenchInputError(f"{path}: no column(s) {missing}; columns are {reader.fieldnames}")
         for row in reader:
             vals = []
+            text = None  # a value that is there but not a number ("n/a", ">3"): said apart from a gap
             for c in columns:
+                raw = (row[c] or "").strip()
                 try:
-                    v = float((row[c] or "").strip())
+                    v = float(raw) if raw else math.nan
                 except ValueError:
-                    v = math.nan
+                    v, text = math.nan, text or f"{c} is not a number: {raw[:40]!r}"
                 vals.append(v)
             if not all(math.isfinite(v) for v in vals):
-                skipped.append((reader.line_num, "a value missing"))
+                skipped.append((reader.line_num, text or "a value missing"))
                 if history and any(math.isfinite(v) for v in vals):
                     partial.append(((row[smiles_col] or "").strip(), vals))
                 continue
@@ -117,7 +119,7 @@ def load_mo_csv(path: Path, smiles_col: str, columns: Sequence[str], history: bo
             lines.append(reader.line_num)
     mols, ok, errors = parse_many(smiles)
     for i, e in zip(sorted(set(range(len(smiles))) - set(ok)), errors, strict=True):
-        skipped.append((lines[i], e.reason))
+        skipped.append((lines[i], f"{e.reason}: {smiles[i][:60]!r}"))
     if not ok:
         raise BenchInputError(f"{path}: no row has every column of {list(columns)} and a valid SMILES")
     Y = np.asarray(rows, dtype=np.float64)[ok]

@@ -922,8 +922,13 @@ def bench_mo(
                    diversity=diversity, reference=reference, device=None if device == "auto" else device)
     cols = list(dict.fromkeys([c for c, _ in objs] + [c.column for c in cons]))
     pool = load_mo_csv(csv_path, smiles_col, cols, history=history)
+    # Gaps are the normal case (the pool is the rows with every column); anything else is named.
+    for line, why in sorted(sk for sk in pool.skipped if sk[1] != "a value missing")[:20]:
+        err.print(f"[yellow]skipped[/] row {line}: {why}")
+    gaps = sum(why == "a value missing" for _, why in pool.skipped)
     console.print(f"[bold]bench mo[/]: {csv_path.name}, {len(pool.smiles)} compounds with every column "
-                  f"({len(pool.skipped)} rows skipped)"
+                  f"({len(pool.skipped)} rows skipped: {gaps} with a value missing, {len(pool.skipped) - gaps} "
+                  f"unreadable)"
                   + (f"; history rows per column: {pool.history_counts()}" if history else ""))
     res = run_mo_bench(pool, cfg, console, ref_fn)
     print_mo(res, console)

@@ -79,6 +79,25 @@ def test_bench_mo_names_a_bad_objective(tmp_path: Path) -> None:
     assert out.returncode == 2 and "COL:min or COL:max" in out.stderr
 
 
+def test_bench_mo_names_the_rows_it_cannot_read_apart_from_gaps(tmp_path: Path) -> None:
+    """A gap leaves a row out of the pool, quietly: the normal case. A value that is not a number
+    (a censored ">3", an "n/a") or a SMILES RDKit cannot parse is named, with its row."""
+    csv = tmp_path / "edge.csv"
+    good = ["CCO", "CCN", "CCC", "CCCl", "CCBr", "c1ccccc1", "CC(=O)O", "CCOC", "CCCN", "CCCO", "c1ccncc1", "CCS"]
+    rows = ["smiles,a,b"] + [f"{smi},{i},{12 - i}" for i, smi in enumerate(good)]
+    rows += ["CCF,>3,1", "CCCC,1,n/a", "not a smiles,1,2", "CCI,,2"]
+    csv.write_text("\n".join(rows) + "\n")
+    out = subprocess.run([sys.executable, "-m", "labloop.streams.cli", "bench", "mo", "--csv", str(csv),
+                          "--objective", "a:max", "--objective", "b:max", "--seeds", "1", "--rounds", "1",
+                          "--init-frac", "0.2", "--batch-frac", "0.2", "--top-k", "3"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "12 compounds with every column (4 rows skipped: 1 with a value missing, 3 unreadable)" in out.stdout
+    named = [ln for ln in out.stderr.splitlines() if ln.startswith("skipped row")]
+    assert named == ["skipped row 14: a is not a number: '>3'", "skipped row 15: b is not a number: 'n/a'",
+                     "skipped row 16: RDKit could not parse the SMILES: 'not a smiles'"], out.stderr
+
+
 def test_history_rows_train_the_models_but_are_never_candidates(tmp_path: Path) -> None:
     from rich.console import Console
 
