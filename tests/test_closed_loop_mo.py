@@ -80,7 +80,7 @@ def test_a_slow_assay_whose_results_are_all_rejected_ends_at_the_ttl(stack: Stac
     """The slow instrument reports in the wrong unit, so each of its readings is one dead letter.
     Each request stays in flight (the robot said COMPLETED, but a result is missing) until its TTL
     expires it; the campaign then finishes, its fast results kept, and asks for nothing more."""
-    cid, ttl_s = "mo-rejected", 8.0
+    cid, ttl_s = "mo-rejected", 12.0
     pool = tmp_path / "tpsa_logp.csv"
     with open(DATA) as src, open(pool, "w", newline="") as dst:
         w = csv.writer(dst)
@@ -97,12 +97,21 @@ def test_a_slow_assay_whose_results_are_all_rejected_ends_at_the_ttl(stack: Stac
                                                assay_latency_s={"logp": 0.5})).start()
     try:
         define_campaign(stack.kafka_config, spec, pool)
+        # The robot reported all ten COMPLETED, and the fast results were accepted: still in flight, as
+        # the worker sees them, in the analysts' view too.
+        assert settle(f"SELECT count() FROM request_status WHERE campaign_id = '{cid}' AND status = 'COMPLETED'",
+                      10, 60) == 10, lab.errors
+        rejected = "SELECT sum(length(rejected_ids)) FROM dead_letters WHERE error_message LIKE '%unit ''percent''%'"
+        assert settle(rejected, 10, 30) == 10  # stored after the readings they reject
+        assert settle(f"SELECT count() FROM accepted_readings WHERE campaign_id = '{cid}'", 10, 30) == 10
+        progress = ch.query(f"SELECT requested, in_flight, (SELECT count() FROM request_status WHERE campaign_id = "
+                            f"'{cid}' AND status = 'EXPIRED') FROM campaign_progress WHERE campaign_id = '{cid}'")
+        assert progress.result_rows == [(10, 10, 0)]
         assert settle(f"SELECT count() FROM model_updates WHERE campaign_id = '{cid}' AND done", 1, 240) == 1, lab.errors
     finally:
         lab.stop()
-    # The sink may still be writing: the rejected readings (one plate's wells), then what the worker sent.
-    assert settle("SELECT sum(length(rejected_ids)) FROM dead_letters WHERE error_message LIKE '%unit ''percent''%'",
-                  10, 60) == 10
+    assert ch.query(f"SELECT in_flight FROM campaign_progress WHERE campaign_id = '{cid}'").result_rows == [(0,)]
+    assert ch.query(rejected).result_rows == [(10,)]  # one plate's wells, rejected once
     assert settle(f"SELECT count() FROM request_status WHERE campaign_id = '{cid}' AND status = 'EXPIRED'", 10, 60) == 10
     statuses = ch.query(f"SELECT status, robot_id, count() FROM request_status WHERE campaign_id = '{cid}' "
                         f"GROUP BY status, robot_id ORDER BY status").result_rows
