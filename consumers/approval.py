@@ -19,7 +19,7 @@ from labloop.consumers.errors import ConsumerError
 from labloop.consumers.tables import sql_string
 from labloop.schemas.types import Record
 
-__all__ = ["ACTIONS", "ApprovalError", "decision_record", "decisions_of", "pending_proposals"]
+__all__ = ["ACTIONS", "ApprovalError", "decision_record", "decisions_of", "pending_counts", "pending_proposals"]
 
 ACTIONS = ("APPROVE", "REJECT", "PRIORITIZE")
 MAX_REASON = 2000  # characters of a decision's reason
@@ -79,10 +79,20 @@ def pending_proposals(client: Client, campaign_id: str | None = None, limit: int
         "p.smiles AS smiles, p.assay_id AS assay_id, if(d.prio_set, d.prio, p.priority) AS priority, "
         "p.sequence AS sequence, p.batch AS batch, p.policy AS policy, p.acquisition_score AS acquisition_score, "
         "p.predicted_mean AS predicted_mean, p.predicted_std AS predicted_std, p.model_version AS model_version, "
-        "p.event_time AS proposed_at "
-        "FROM (SELECT * FROM proposals LIMIT 1 BY request_id) AS p LEFT JOIN ("
-        "SELECT request_id, countIf(action IN ('APPROVE', 'REJECT')) AS closed, "
-        "argMaxIf(priority, event_time, priority IS NOT NULL) AS prio, countIf(priority IS NOT NULL) > 0 AS prio_set "
-        "FROM decisions GROUP BY request_id) AS d ON p.request_id = d.request_id "
-        f"WHERE ifNull(d.closed, 0) = 0 {where} ORDER BY campaign_id, priority, sequence LIMIT {int(limit)}")
+        f"p.event_time AS proposed_at {_PENDING} {where} ORDER BY campaign_id, priority, sequence LIMIT {int(limit)}")
     return [dict(zip(res.column_names, row, strict=True)) for row in res.result_rows]
+
+
+def pending_counts(client: Client) -> dict[str, int]:
+    """Per campaign, how many proposals wait for a decision (campaigns with none are absent)."""
+    res = client.query(f"SELECT p.campaign_id, count() {_PENDING} GROUP BY p.campaign_id")
+    return {str(cid): int(n) for cid, n in res.result_rows}
+
+
+# The proposals no decision has approved or rejected yet (``p``), with ``d.prio`` the latest
+# priority a person set (when ``d.prio_set``).
+_PENDING = (
+    "FROM (SELECT * FROM proposals LIMIT 1 BY request_id) AS p LEFT JOIN ("
+    "SELECT request_id, countIf(action IN ('APPROVE', 'REJECT')) AS closed, "
+    "argMaxIf(priority, event_time, priority IS NOT NULL) AS prio, countIf(priority IS NOT NULL) > 0 AS prio_set "
+    "FROM decisions GROUP BY request_id) AS d ON p.request_id = d.request_id WHERE ifNull(d.closed, 0) = 0")

@@ -27,7 +27,6 @@ import math
 import secrets
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -39,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from labloop.consumers.approval import ApprovalError, decision_record, decisions_of, pending_proposals
+from labloop.consumers.approval import ApprovalError, decision_record, decisions_of, pending_counts, pending_proposals
 from labloop.consumers.tables import sql_string
 from labloop.models.pareto import nondominated_layers, to_min
 from labloop.schemas.types import Record
@@ -170,7 +169,7 @@ class _Pages:
     # ---- pages ----------------------------------------------------------------------------
     def campaigns(self, request: Request) -> Response:
         c = self.client
-        waiting = Counter(r["campaign_id"] for r in pending_proposals(c, limit=1_000_000))
+        waiting = pending_counts(c)
         rows = []
         for r in _rows(c, "SELECT * FROM campaign_progress ORDER BY campaign_id"):
             cid = r["campaign_id"]

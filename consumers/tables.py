@@ -176,9 +176,7 @@ VIEWS: dict[str, str] = {
         "LEFT JOIN (SELECT request_id, max(status IN ('FAILED', 'EXPIRED')) AS gave_up FROM request_status "
         "GROUP BY request_id) AS st ON q.request_id = st.request_id "
         "LEFT JOIN (SELECT assumeNotNull(request_id) AS request_id, groupUniqArray(toString(assay_id)) AS got "
-        "FROM readings WHERE request_id IS NOT NULL AND (_topic, _partition, _offset, reading_id) NOT IN ("
-        "SELECT source_topic, toUInt16(source_partition), toUInt64(source_offset), arrayJoin(rejected_ids) "
-        "FROM dead_letters) GROUP BY request_id) AS a ON q.request_id = a.request_id "
+        "FROM accepted_readings WHERE request_id IS NOT NULL GROUP BY request_id) AS a ON q.request_id = a.request_id "
         "GROUP BY q.campaign_id) AS r "
         "ON c.campaign_id = r.campaign_id "
         "LEFT JOIN (SELECT campaign_id, argMax(n_measured, k) AS meas, argMax(best_value, k) AS best, "
@@ -262,15 +260,15 @@ def create_tables(client: Client, dedup_window: int = 10_000, cluster: str | Non
                 client.command(f"ALTER TABLE {t.name}{on} ADD COLUMN IF NOT EXISTS `{n}` {typ}")
         if t.ttl_s:  # a table made before the TTL existed gets it too
             client.command(f"ALTER TABLE {t.name}{on} MODIFY TTL {_ttl(t)}")
-    for name, sql in VIEWS.items():
-        client.command(f"CREATE OR REPLACE VIEW {name}{on} AS {sql}")
     # What the loop accepted: readings minus those its worker dead-lettered (wrong unit, unknown
     # compound or request, out of range...). A rejected row is matched by its own message and id, so
-    # the same id sent again, correctly, counts.
+    # the same id sent again, correctly, counts. Before VIEWS: campaign_progress reads it.
     client.command(
         f"CREATE VIEW IF NOT EXISTS accepted_readings{on} AS SELECT * FROM readings "
         "WHERE (_topic, _partition, _offset, reading_id) NOT IN ("
         "SELECT source_topic, toUInt16(source_partition), toUInt64(source_offset), arrayJoin(rejected_ids) "
         "FROM dead_letters)")
+    for name, sql in VIEWS.items():
+        client.command(f"CREATE OR REPLACE VIEW {name}{on} AS {sql}")
 
 

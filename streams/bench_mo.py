@@ -37,7 +37,7 @@ from labloop.models.chem import featurize_mols
 from labloop.models.pareto import Constraint, hypervolume, nondominated_layers, parego_batch, prob_feasible, to_min
 from labloop.streams.bench_al import BenchInputError
 
-__all__ = ["MOConfig", "MOPool", "load_mo_csv", "run_mo_bench"]
+__all__ = ["GAP", "MOConfig", "MOPool", "load_mo_csv", "run_mo_bench"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,10 @@ class MOPool:
         return {c: int(np.isfinite(v).sum()) for c, v in self.history.items()}
 
 
+#: The reason :func:`load_mo_csv` gives a row that lacks a value: the normal case, counted, not named.
+GAP = "a value missing"
+
+
 def load_mo_csv(path: Path, smiles_col: str, columns: Sequence[str], history: bool = False) -> MOPool:
     """Rows with every one of ``columns`` numeric and a SMILES RDKit parses; the rest are counted.
     ``smiles_col`` matches a column of another case when exactly one does (``SMILES``). With
@@ -110,7 +114,7 @@ def load_mo_csv(path: Path, smiles_col: str, columns: Sequence[str], history: bo
                     v, text = math.nan, text or f"{c} is not a number: {raw[:40]!r}"
                 vals.append(v)
             if not all(math.isfinite(v) for v in vals):
-                skipped.append((reader.line_num, text or "a value missing"))
+                skipped.append((reader.line_num, text or GAP))
                 if history and any(math.isfinite(v) for v in vals):
                     partial.append(((row[smiles_col] or "").strip(), vals))
                 continue

@@ -251,14 +251,12 @@ def status() -> None:
     console.print(comps)
     if running:
         console.print(f"worker input lag: {lag_total:,} message(s)")
-    from collections import Counter
-
-    from labloop.consumers.approval import pending_proposals
+    from labloop.consumers.approval import pending_counts
 
     try:
         client = analyst_client(s)
         rows = client.query(_CAMPAIGNS_SQL).result_rows
-        waiting = Counter(r["campaign_id"] for r in pending_proposals(client, limit=1_000_000))
+        waiting = pending_counts(client)
     except Exception as exc:  # the driver's errors carry ClickHouse's message
         why = re.sub(r"//[^/@\s]+@", "//***@", str(exc))  # a server DSN's password never reaches the screen
         err.print(f"[red]cannot read the campaigns from ClickHouse:[/] {why}")
@@ -268,12 +266,12 @@ def status() -> None:
               "live 90% cover", "awaiting approval"):
         camps.add_column(c, justify="left" if c in ("campaign", "state") else "right")
     for cid, budget, req, flight, meas, best, version, rmse, cover, live_n, done, has_model in rows:
-        state = "done" if done else ("waiting for approval" if waiting[cid] and not flight else
+        state = "done" if done else ("waiting for approval" if waiting.get(cid) and not flight else
                                      "running" if has_model or req else "waiting for its pool")
         fmt = (lambda v: "-" if v is None else f"{v:.3g}")  # noqa: E731
         camps.add_row(cid, state, str(req or 0), str(meas if has_model else 0), str(flight or 0), str(budget),
                       fmt(best), str(version if has_model else "-"), fmt(rmse) + (f" (n={live_n})" if live_n else ""),
-                      fmt(cover), str(waiting[cid]))
+                      fmt(cover), str(waiting.get(cid, 0)))
     console.print(camps)
     raise typer.Exit(0 if healthy else (1 if running else 2))
 
@@ -899,7 +897,7 @@ def bench_mo(
     """The `bench al` protocol for several objectives and constraints on any CSV: hypervolume and
     Pareto layers found, beside random selection (and BoTorch with --reference botorch)."""
     from labloop.models.pareto import Constraint
-    from labloop.streams.bench_mo import MOConfig, load_mo_csv, print_mo, run_mo_bench
+    from labloop.streams.bench_mo import GAP, MOConfig, load_mo_csv, print_mo, run_mo_bench
 
     objs: list[tuple[str, bool]] = []
     for o in objective:
@@ -923,9 +921,9 @@ def bench_mo(
     cols = list(dict.fromkeys([c for c, _ in objs] + [c.column for c in cons]))
     pool = load_mo_csv(csv_path, smiles_col, cols, history=history)
     # Gaps are the normal case (the pool is the rows with every column); anything else is named.
-    for line, why in sorted(sk for sk in pool.skipped if sk[1] != "a value missing")[:20]:
+    for line, why in sorted(sk for sk in pool.skipped if sk[1] != GAP)[:20]:
         err.print(f"[yellow]skipped[/] row {line}: {why}")
-    gaps = sum(why == "a value missing" for _, why in pool.skipped)
+    gaps = sum(why == GAP for _, why in pool.skipped)
     console.print(f"[bold]bench mo[/]: {csv_path.name}, {len(pool.smiles)} compounds with every column "
                   f"({len(pool.skipped)} rows skipped: {gaps} with a value missing, {len(pool.skipped) - gaps} "
                   f"unreadable)"

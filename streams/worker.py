@@ -237,17 +237,24 @@ class LabloopWorker:
         objective's ``(mean, std)``, the messages, and how many rows they carry."""
         assert rt.definition is not None
         pred = self.engine.fit(rt.campaign_id, update)
-        t, tolerance = now_ms(), self.settings.prediction_tolerance
-        raws: list[bytes] = []
-        rows = 0
-        for assay, (mean, std) in [(rt.definition.objective_assay_id, pred), *update.side_pred.items()]:
-            writer = self._writer(rt.campaign_id, assay)
-            raws += writer.encode(rt.campaign_id, assay, version, rt.compound_ids, mean, std, t, tolerance)
-            rows += writer.last_rows
+        raws, rows = self._encode(rt, [(rt.definition.objective_assay_id, pred), *update.side_pred.items()], version,
+                                  self.settings.prediction_tolerance)
         return pred, raws, rows
 
-    def _writer(self, campaign_id: str, assay_id: str) -> PredictionWriter:
-        return self.prediction_writers.setdefault((campaign_id, assay_id), PredictionWriter(self.codec))
+    def _encode(self, rt: CampaignRuntime, preds: list[tuple[str, tuple[np.ndarray, np.ndarray] | None]], version: int,
+                tolerance: float, complete: bool = False) -> tuple[list[bytes], int]:
+        """The Prediction messages of ``preds`` (assay id, ``(mean, std)`` over the pool or None),
+        each assay through its own :class:`PredictionWriter`, and how many rows they carry."""
+        raws: list[bytes] = []
+        rows, t = 0, now_ms()
+        for assay, pred in preds:
+            if pred is None:
+                continue
+            writer = self.prediction_writers.setdefault((rt.campaign_id, assay), PredictionWriter(self.codec))
+            raws += writer.encode(rt.campaign_id, assay, version, rt.compound_ids, pred[0], pred[1], t, tolerance,
+                                  complete=complete)
+            rows += writer.last_rows
+        return raws, rows
 
     def _final_predictions(self, rt: CampaignRuntime, events: list[Emit]) -> list[Raw]:
         """When ``events`` report the campaign done: the final model's predictions of every row not
@@ -258,15 +265,8 @@ class LabloopWorker:
             return []
         preds = [(rt.definition.objective_assay_id, rt.pool.current_prediction()),
                  *((a, m.pred) for a, m in rt.side.items())]  # a further assay's, as of its last fit
-        raws: list[bytes] = []
-        t = now_ms()
-        for assay, pred in preds:
-            if pred is None:
-                continue
-            writer = self._writer(rt.campaign_id, assay)
-            raws += writer.encode(rt.campaign_id, assay, rt.pool.model_version, rt.compound_ids, pred[0], pred[1], t,
-                                  0.0, complete=True)
-            self.metrics.predictions.inc(writer.last_rows)
+        raws, rows = self._encode(rt, preds, rt.pool.model_version, 0.0, complete=True)
+        self.metrics.predictions.inc(rows)
         return [Raw("predictions", r) for r in raws]
 
     def _send_in_order(self, campaign_id: str, events: list[Emit | Raw]) -> None:
